@@ -1,0 +1,42 @@
+# Every target works from a fresh clone: the virtual environment is created and filled on demand.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast lint typecheck demo bench clean
+
+$(STAMP): pyproject.toml requirements-test.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned to the CPU build that lies on disk; a looser spec pulls a multi-GB CUDA wheel.
+	$(BIN)/pip install -q -r requirements-test.txt
+	# strict editable mode: mypy and the runtime both resolve the folders mapped into ckptd.*
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Re-link the strict editable install after adding or removing modules.
+relink: $(STAMP)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+
+test: $(STAMP)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check ckptd format converters api training tests benchmarks
+	$(BIN)/mypy -p ckptd
+
+typecheck: lint
+
+demo: $(STAMP)
+	$(BIN)/python -m ckptd.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache demo-run

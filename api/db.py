@@ -1,0 +1,122 @@
+"""Database engines, sessions and schema migrations of the catalog.
+
+The catalog keeps no module-global engine: :class:`Database` is created by the app factory,
+the CLI or a test, and owns one engine and its session factory.
+
+Migrations live in the repository's top-level ``migrations/`` folder (Alembic). They are found
+through ``CKPTD_MIGRATIONS_DIR`` when set, otherwise next to the package source: the strict
+editable install links ``ckptd/api/*.py`` back to ``<repo>/api/``, so the resolved path of this
+file leads to ``<repo>/migrations``. A wheel install must set ``CKPTD_MIGRATIONS_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from ckptd.api.errors import CatalogError
+
+DEFAULT_DB_PATH = Path("~/.local/share/ckptd/catalog.db")
+ENV_DATABASE_URL = "CKPTD_DATABASE_URL"
+
+
+def default_url() -> str:
+    """``CKPTD_DATABASE_URL`` when set, else a SQLite file under the user's data directory."""
+    url = os.environ.get(ENV_DATABASE_URL)
+    if url:
+        return url
+    path = DEFAULT_DB_PATH.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``postgres://`` URLs and use the psycopg 3 driver for them."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def migrations_dir() -> Path:
+    env = os.environ.get("CKPTD_MIGRATIONS_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parent.parent / "migrations")
+    for c in candidates:
+        if (c / "env.py").is_file():
+            return c
+    raise CatalogError(
+        f"Alembic migrations not found (looked in {[str(c) for c in candidates]}); set CKPTD_MIGRATIONS_DIR"
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+class Database:
+    """One engine and its sessions; ``upgrade()`` brings the schema to the newest revision."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = normalise_url(url)
+        self.engine = make_engine(self.url, pool_size=pool_size)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any exception."""
+        with self.sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def alembic_config(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations_dir()))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        command.upgrade(self.alembic_config(), revision)
+
+    def downgrade(self, revision: str) -> None:
+        command.downgrade(self.alembic_config(), revision)
+
+    def revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            rev: str | None = MigrationContext.configure(conn).get_current_revision()
+            return rev
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def kind(self) -> str:
+        return self.engine.dialect.name

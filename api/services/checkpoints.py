@@ -1,0 +1,255 @@
+"""Checkpoints: registration by the engine, the state machine, queries.
+
+State machine (``deleting`` and ``deleted`` are reached only through retention GC)::
+
+    pending ──> committed ──> deleting ──> deleted
+       │                         │
+       └──────> failed <─────────┘      failed ──> deleting (GC collects partial data)
+
+Setting the state a checkpoint already has is a no-op, so the engine may retry freely.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy.orm import Session
+
+from ckptd.api.errors import ConflictError, InvalidRequestError, InvalidTransitionError, NotFoundError
+from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run, utcnow
+from ckptd.api.schemas import (
+    CheckpointCreate,
+    CheckpointPublic,
+    CheckpointUpdate,
+    LayoutDoc,
+    LocationIn,
+)
+from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
+from ckptd.api.services.runs import get_run
+from ckptd.api.uris import require_within
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"committed", "failed"}),
+    "committed": frozenset({"deleting"}),
+    "deleting": frozenset({"deleted", "failed"}),
+    "failed": frozenset({"deleting"}),
+    "deleted": frozenset(),
+}
+SORT_KEYS = ("step", "created_at", "nbytes", "id")
+
+
+def transition(ckpt: Checkpoint, new_state: str, *, error: str | None = None) -> None:
+    if new_state == ckpt.state:
+        return
+    if new_state not in TRANSITIONS[ckpt.state]:
+        raise InvalidTransitionError(f"checkpoint {ckpt.id} (step {ckpt.step}) cannot go {ckpt.state} -> {new_state}")
+    ckpt.state = new_state
+    if new_state == "committed":
+        ckpt.committed_at = utcnow()
+        ckpt.error = None
+    if error is not None:
+        ckpt.error = error
+
+
+def get_checkpoint(session: Session, *, checkpoint_id: int) -> Checkpoint:
+    ckpt = session.get(Checkpoint, checkpoint_id)
+    if ckpt is None:
+        raise NotFoundError("checkpoint", checkpoint_id)
+    return ckpt
+
+
+def set_locations(ckpt: Checkpoint, run: Run, locations: list[LocationIn]) -> None:
+    """Add or replace (per tier) where the checkpoint lives; each URI must be inside the run's root."""
+    by_tier = {loc.tier: loc for loc in ckpt.locations}
+    for loc in locations:
+        uri = require_within(loc.uri, run.roots.get(loc.tier), tier=loc.tier)
+        if loc.tier in by_tier:
+            by_tier[loc.tier].uri = uri
+        else:
+            new = Location(tier=loc.tier, uri=uri)
+            ckpt.locations.append(new)
+            by_tier[loc.tier] = new
+
+
+def set_metrics(ckpt: Checkpoint, metrics: dict[str, float]) -> None:
+    current = {m.name: m for m in ckpt.metrics}
+    for name, value in metrics.items():
+        if name in current:
+            current[name].value = value
+        else:
+            ckpt.metrics.append(CheckpointMetric(name=name, value=value))
+
+
+def set_tags(ckpt: Checkpoint, tags: list[str]) -> None:
+    wanted = set(tags)
+    ckpt.tags[:] = [t for t in ckpt.tags if t.tag in wanted]
+    have = {t.tag for t in ckpt.tags}
+    ckpt.tags.extend(CheckpointTag(tag=t) for t in sorted(wanted - have))
+
+
+def _layout_doc(layout: LayoutDoc) -> dict[str, Any]:
+    return layout.model_dump(mode="json")
+
+
+def register_checkpoint(session: Session, *, run_name: str, data: CheckpointCreate) -> tuple[Checkpoint, bool]:
+    """Register a pending checkpoint. Retrying a registration returns the existing row unchanged;
+    a step whose earlier attempt failed or was deleted (a run that rolled back) starts afresh."""
+    run = get_run(session, name=run_name)
+    ckpt = session.scalar(select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.step == data.step))
+    if ckpt is not None and ckpt.state in ("pending", "committed"):
+        return ckpt, False
+    if ckpt is not None and ckpt.state == "deleting":
+        raise ConflictError(f"step {data.step} of run {run.name!r} is being deleted; retry when it is gone")
+    parent_id = None
+    if data.parent_step is not None:
+        parent_id = session.scalar(
+            select(Checkpoint.id).where(Checkpoint.run_id == run.id, Checkpoint.step == data.parent_step)
+        )
+    created = ckpt is None
+    if ckpt is None:
+        ckpt = Checkpoint(run=run, step=data.step, metrics=[], tags=[], locations=[])
+        session.add(ckpt)
+    else:  # failed or deleted: a new attempt at the same step
+        ckpt.state, ckpt.error, ckpt.committed_at = "pending", None, None
+        ckpt.metrics.clear()
+        ckpt.tags.clear()
+        ckpt.locations.clear()
+        session.flush()
+    ckpt.parent_id = parent_id
+    ckpt.nbytes = data.nbytes
+    ckpt.layout = None if data.layout is None else _layout_doc(data.layout)
+    set_locations(ckpt, run, data.locations)
+    set_metrics(ckpt, data.metrics)
+    set_tags(ckpt, data.tags)
+    session.flush()
+    return ckpt, created
+
+
+def update_checkpoint(session: Session, *, checkpoint_id: int, data: CheckpointUpdate) -> Checkpoint:
+    ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id)
+    if ckpt.state in ("deleting", "deleted") and data.state != ckpt.state:
+        raise InvalidTransitionError(f"checkpoint {ckpt.id} is {ckpt.state}; it cannot be changed")
+    if data.nbytes is not None:
+        ckpt.nbytes = data.nbytes
+    if data.layout is not None:
+        ckpt.layout = _layout_doc(data.layout)
+    if data.metrics is not None:
+        set_metrics(ckpt, data.metrics)
+    if data.tags is not None:
+        set_tags(ckpt, data.tags)
+    if data.locations is not None:
+        set_locations(ckpt, ckpt.run, data.locations)
+    if data.state is not None:
+        transition(ckpt, data.state, error=data.error)
+    session.flush()
+    return ckpt
+
+
+def list_checkpoints(
+    session: Session,
+    *,
+    run: str | None = None,
+    state: str | None = None,
+    tag: str | None = None,
+    tier: str | None = None,
+    min_step: int | None = None,
+    max_step: int | None = None,
+    sort: str = "-step",
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Checkpoint], str | None]:
+    """Filtered, sorted, cursor-paginated checkpoints. ``sort`` is ``[-]step|created_at|nbytes|id`` or
+    ``[-]metric:<name>`` (only checkpoints that have the metric)."""
+    check_limit(limit)
+    descending = sort.startswith("-")
+    key_name = sort.lstrip("-")
+    query: Select[Any] = select(Checkpoint)
+    key_col: Any
+    if key_name.startswith("metric:"):
+        metric = key_name[len("metric:") :]
+        query = query.join(
+            CheckpointMetric, (CheckpointMetric.checkpoint_id == Checkpoint.id) & (CheckpointMetric.name == metric)
+        )
+        key_col, key_type = CheckpointMetric.value, float
+    elif key_name in SORT_KEYS:
+        key_col = getattr(Checkpoint, key_name)
+        key_type = str if key_name == "created_at" else int
+        if key_name == "nbytes":
+            query = query.where(Checkpoint.nbytes.is_not(None))
+    else:
+        raise InvalidRequestError(f"cannot sort by {sort!r}")
+    if run is not None:
+        query = query.where(Checkpoint.run_id == get_run(session, name=run).id)
+    if state is not None:
+        query = query.where(Checkpoint.state == state)
+    if tag is not None:
+        query = query.where(
+            select(CheckpointTag.tag)
+            .where(CheckpointTag.checkpoint_id == Checkpoint.id, CheckpointTag.tag == tag)
+            .exists()
+        )
+    if tier is not None:
+        query = query.where(
+            select(Location.tier).where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier).exists()
+        )
+    if min_step is not None:
+        query = query.where(Checkpoint.step >= min_step)
+    if max_step is not None:
+        query = query.where(Checkpoint.step <= max_step)
+    if cursor is not None:
+        key, row_id = decode_cursor(cursor, key_type)
+        if key_name == "created_at":
+            try:
+                key = datetime.fromisoformat(key)
+            except ValueError as e:
+                raise InvalidRequestError("malformed pagination cursor") from e
+        query = query.where(after(key_col, Checkpoint.id, key, row_id, descending=descending))
+    order: list[ColumnElement[Any]] = (
+        [key_col.desc(), Checkpoint.id.desc()] if descending else [key_col.asc(), Checkpoint.id.asc()]
+    )
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)).unique())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = None
+    if more and rows:
+        last = rows[-1]
+        if key_name.startswith("metric:"):
+            value: Any = next(m.value for m in last.metrics if m.name == key_name[len("metric:") :])
+        elif key_name == "created_at":
+            value = last.created_at.isoformat()
+        else:
+            value = getattr(last, key_name)
+        next_cursor = encode_cursor(value, last.id)
+    return rows, next_cursor
+
+
+def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
+    summary = None
+    if ckpt.layout is not None:
+        arrays = ckpt.layout.get("arrays", {})
+        summary = {
+            "mesh": ckpt.layout.get("mesh", {}),
+            "arrays": len(arrays),
+            "dtypes": dict(Counter(a.get("dtype", "?") for a in arrays.values())),
+        }
+    return CheckpointPublic.model_validate(
+        {
+            "id": ckpt.id,
+            "run": ckpt.run.name,
+            "step": ckpt.step,
+            "state": ckpt.state,
+            "parent_id": ckpt.parent_id,
+            "nbytes": ckpt.nbytes,
+            "metrics": {m.name: m.value for m in ckpt.metrics},
+            "tags": [t.tag for t in ckpt.tags],
+            "locations": [{"tier": loc.tier, "uri": loc.uri, "created_at": loc.created_at} for loc in ckpt.locations],
+            "layout_summary": summary,
+            "error": ckpt.error,
+            "created_at": ckpt.created_at,
+            "committed_at": ckpt.committed_at,
+            "updated_at": ckpt.updated_at,
+        }
+    )

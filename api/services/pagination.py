@@ -1,0 +1,60 @@
+"""Keyset (cursor) pagination: stable under concurrent inserts, O(page) whatever the offset.
+
+A cursor is the sort key and id of the last row of a page, JSON in URL-safe base64. Clients
+treat it as opaque; a tampered cursor is a 422, never a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy.orm import InstrumentedAttribute
+
+from ckptd.api.errors import InvalidRequestError
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+
+def encode_cursor(key: Any, row_id: int) -> str:
+    raw = json.dumps([key, row_id], separators=(",", ":"), default=str).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, key_type: type) -> tuple[Any, int]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        key, row_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(row_id, int) or isinstance(row_id, bool):
+            raise ValueError("cursor id")
+        if key_type is float and isinstance(key, int) and not isinstance(key, bool):
+            key = float(key)
+        if not isinstance(key, key_type) or isinstance(key, bool):
+            raise ValueError("cursor key")
+        return key, row_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as e:
+        raise InvalidRequestError("malformed pagination cursor") from e
+
+
+def after(
+    key_col: ColumnElement[Any] | InstrumentedAttribute[Any],
+    id_col: InstrumentedAttribute[int],
+    key: Any,
+    row_id: int,
+    *,
+    descending: bool,
+) -> ColumnElement[bool]:
+    """Rows strictly after (key, id) in the order ``key [DESC], id [DESC]``."""
+    if descending:
+        return or_(key_col < key, and_(key_col == key, id_col < row_id))
+    return or_(key_col > key, and_(key_col == key, id_col > row_id))
+
+
+def check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequestError(f"limit must be between 1 and {MAX_PAGE}")
+    return limit

@@ -1,0 +1,149 @@
+"""Runs: create (idempotent, the engine registers on every start), read, list, update."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
+from ckptd.api.models import Checkpoint, Run
+from ckptd.api.schemas import RunCreate, RunPublic, RunUpdate
+from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
+from ckptd.format.names import check_segment
+
+RUN_SORTS = ("created_at", "-created_at", "name", "-name")
+
+
+def get_run(session: Session, *, name: str) -> Run:
+    run = session.scalar(select(Run).where(Run.name == check_segment(name)))
+    if run is None:
+        raise NotFoundError("run", name)
+    return run
+
+
+def create_run(session: Session, *, data: RunCreate) -> tuple[Run, bool]:
+    """Create the run, or return the existing one when the request agrees with it.
+
+    Roots a re-registration names for tiers the run has no root for yet are added; a different
+    root for a tier that has one is a conflict (roots bound what GC may delete).
+    """
+    existing = session.scalar(select(Run).where(Run.name == data.name))
+    if existing is None:
+        run = Run(
+            name=data.name,
+            config=data.config,
+            roots=dict(data.roots),
+            retention=data.retention.model_dump(exclude_none=True),
+        )
+        try:
+            with session.begin_nested():
+                session.add(run)
+            return run, True
+        except IntegrityError:  # a concurrent request created it first
+            existing = session.scalar(select(Run).where(Run.name == data.name))
+            if existing is None:
+                raise
+    for tier, uri in data.roots.items():
+        if existing.roots.get(tier, uri) != uri:
+            raise ConflictError(f"run {data.name!r} already has {tier} root {existing.roots[tier]!r}, not {uri!r}")
+    if not data.roots.keys() <= existing.roots.keys():
+        existing.roots = {**existing.roots, **data.roots}
+    return existing, False
+
+
+def update_run(session: Session, *, name: str, data: RunUpdate) -> Run:
+    run = get_run(session, name=name)
+    if data.status is not None:
+        run.status = data.status
+    if data.config is not None:
+        run.config = data.config
+    if data.roots is not None:
+        run.roots = dict(data.roots)
+    if data.retention is not None:
+        run.retention = data.retention.model_dump(exclude_none=True)
+    session.flush()
+    return run
+
+
+def list_runs(
+    session: Session,
+    *,
+    status: str | None = None,
+    name_prefix: str | None = None,
+    sort: str = "-created_at",
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[RunPublic], str | None]:
+    check_limit(limit)
+    descending = sort.startswith("-")
+    key_name = sort.lstrip("-")
+    key_col: InstrumentedAttribute[str] | InstrumentedAttribute[datetime] = (
+        Run.name if key_name == "name" else Run.created_at
+    )
+    query = select(Run)
+    if status is not None:
+        query = query.where(Run.status == status)
+    if name_prefix:
+        query = query.where(Run.name.startswith(name_prefix, autoescape=True))
+    if cursor is not None:
+        key, row_id = decode_cursor(cursor, str)
+        bound: str | datetime = key
+        if key_name == "created_at":
+            try:
+                bound = datetime.fromisoformat(key)
+            except ValueError as e:
+                raise InvalidRequestError("malformed pagination cursor") from e
+        query = query.where(after(key_col, Run.id, bound, row_id, descending=descending))
+    order: list[ColumnElement[object]] = (
+        [key_col.desc(), Run.id.desc()] if descending else [key_col.asc(), Run.id.asc()]
+    )
+    runs = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    more = len(runs) > limit
+    runs = runs[:limit]
+    stats = run_stats(session, run_ids=[r.id for r in runs])
+    items = [run_public(r, stats.get(r.id)) for r in runs]
+    next_cursor = None
+    if more and runs:
+        last = runs[-1]
+        next_cursor = encode_cursor(last.name if key_name == "name" else last.created_at.isoformat(), last.id)
+    return items, next_cursor
+
+
+def run_stats(session: Session, *, run_ids: list[int]) -> dict[int, tuple[int, int, int | None]]:
+    """run id -> (checkpoints, committed checkpoints, latest committed step)."""
+    if not run_ids:
+        return {}
+    committed = (Checkpoint.state == "committed").cast(Checkpoint.id.type)  # 1/0 on both dialects
+    rows = session.execute(
+        select(
+            Checkpoint.run_id,
+            func.count(Checkpoint.id),
+            func.coalesce(func.sum(committed), 0),
+            func.max(Checkpoint.step).filter(Checkpoint.state == "committed"),
+        )
+        .where(Checkpoint.run_id.in_(run_ids))
+        .group_by(Checkpoint.run_id)
+    )
+    return {rid: (int(n), int(c), None if latest is None else int(latest)) for rid, n, c, latest in rows}
+
+
+def run_public(run: Run, stats: tuple[int, int, int | None] | None = None) -> RunPublic:
+    n, committed, latest = stats or (0, 0, None)
+    return RunPublic.model_validate(
+        {
+            "id": run.id,
+            "name": run.name,
+            "status": run.status,
+            "config": run.config,
+            "roots": run.roots,
+            "retention": run.retention,
+            "created_at": run.created_at,
+            "updated_at": run.updated_at,
+            "checkpoints": n,
+            "committed": committed,
+            "latest_step": latest,
+        }
+    )

@@ -1,0 +1,167 @@
+"""A store over any fsspec filesystem: S3 (s3fs) first, memory, GCS, Azure, ...
+
+Object stores have no rename, so ``write_atomic`` relies on single-PUT atomicity:
+an object is visible whole or not at all. Listing caches are disabled because other
+processes (other ranks, the catalog, a GC) change the same prefixes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+
+from ckptd.format.errors import StorageError
+from ckptd.format.store import Buffer
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+
+class FsspecStore:
+    def __init__(self, fs: Any, root: str, *, protocol: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.protocol = protocol
+
+    @staticmethod
+    def from_url(url: str, storage_options: dict[str, Any] | None = None) -> FsspecStore:
+        protocol = url.split("://", 1)[0]
+        opts = dict(storage_options or {})
+        if protocol in ("s3", "s3a"):
+            opts.setdefault("use_listings_cache", False)
+            opts.setdefault("skip_instance_cache", True)
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **opts)
+        except (ImportError, ValueError) as e:
+            raise StorageError(f"cannot open {url}: {e}") from e
+        return FsspecStore(fs, path, protocol=protocol)
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.root}"
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or any(p in ("..", ".") for p in key.split("/") if p):
+            raise StorageError(f"refusing key {key!r}: it would leave the store root {self.url}")
+        return f"{self.root}/{key}" if key else self.root
+
+    def child(self, prefix: str) -> FsspecStore:
+        return FsspecStore(self.fs, self._path(prefix), protocol=self.protocol)
+
+    def _wrap(self, what: str, e: BaseException) -> StorageError:
+        return StorageError(f"{what} on {self.url} failed: {type(e).__name__}: {e}")
+
+    def write(self, key: str, data: Sequence[Buffer]) -> int:
+        blob = data[0] if len(data) == 1 and isinstance(data[0], bytes) else b"".join(data)
+        try:
+            self.fs.pipe_file(self._path(key), blob)
+        except FileNotFoundError as e:
+            raise self._wrap(f"writing {key}", e) from e
+        except (OSError, *_CONNECTION_ERRORS) as e:
+            raise self._wrap(f"writing {key}", e) from e
+        except Exception as e:  # botocore/aiohttp errors do not derive from OSError
+            raise self._wrap(f"writing {key}", e) from e
+        return len(blob)
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        # A single PUT is atomic on S3 and every object store; memory:// is atomic per call.
+        self.write(key, [data])
+
+    def flush(self) -> None:
+        """Every completed PUT is durable on object stores."""
+
+    def read(self, key: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._path(key)))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise self._wrap(f"reading {key}", e) from e
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        path = self._path(key)
+        try:
+            if len(ranges) == 1:
+                start, stop = ranges[0]
+                return [bytes(self.fs.cat_file(path, start=start, end=stop))]
+            out = self.fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges],
+                                     on_error="raise")
+            return [bytes(b) for b in out]
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise self._wrap(f"reading {key}", e) from e
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.fs.size(self._path(key)))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise self._wrap(f"stat {key}", e) from e
+
+    def exists(self, key: str) -> bool:
+        try:
+            return bool(self.fs.exists(self._path(key)))
+        except Exception as e:
+            raise self._wrap(f"checking {key}", e) from e
+
+    def list_dir(self, prefix: str) -> list[str]:
+        path = self._path(prefix)
+        try:
+            self.fs.invalidate_cache(path)
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self._wrap(f"listing {prefix or '/'}", e) from e
+        names = sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
+        return [n for n in names if n and not n.startswith(".") and f"{path}/{n}".rstrip("/") != path]
+
+    def mtime(self, key: str) -> float | None:
+        path = self._path(key)
+        try:
+            infos = self.fs.find(path, detail=True, withdirs=False)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self._wrap(f"listing {key}", e) from e
+        newest: float | None = None
+        for info in (infos.values() if isinstance(infos, dict) else []):
+            t = _mtime_of(info)
+            if t is not None:
+                newest = t if newest is None else max(newest, t)
+        return newest
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._wrap(f"deleting {key}", e) from e
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix:
+            raise StorageError("refusing to delete a whole store root")
+        path = self._path(prefix)
+        try:
+            self.fs.invalidate_cache(path)
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._wrap(f"deleting {prefix}", e) from e
+
+
+def _mtime_of(info: dict[str, Any]) -> float | None:
+    for k in ("LastModified", "mtime", "created", "last_modified"):
+        v = info.get(k)
+        if isinstance(v, dt.datetime):
+            return v.timestamp()
+        if isinstance(v, int | float):
+            return float(v)
+    return None

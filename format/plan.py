@@ -1,0 +1,110 @@
+"""Storage planning: from an array's shape and its writers' boxes to a Zarr grid.
+
+Every writer of the same array must reach the same plan independently (no
+coordination), so everything here is a pure function of the shape, the dtype, the
+set of writer boxes and the target chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptd.format.boxes import ShardBox, check_tiling, common_grid
+from ckptd.format.errors import LayoutError
+from ckptd.format.manifest import ArrayKind
+
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class PartPlan:
+    """Where one writer's box goes: which stored part, with which grid, and which shards."""
+
+    index: int  # part index (0 unless the array is stored as pieces)
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    grid: tuple[int, ...]
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayPlan:
+    kind: ArrayKind
+    parts: tuple[PartPlan, ...]
+
+    def part_for(self, box: ShardBox) -> PartPlan:
+        """The part a writer box is stored in."""
+        if self.kind != "pieces":
+            return self.parts[0]
+        for p in self.parts:
+            if p.offset == box.offset and p.shape == box.shape:
+                return p
+        raise LayoutError(f"box {box.to_json()} is not one of the writer boxes of this array")
+
+
+def plan_array(
+    shape: Sequence[int], itemsize: int, boxes: Sequence[ShardBox], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> ArrayPlan:
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return ArrayPlan("scalar", (PartPlan(0, (), (), (), ()),))
+    nonempty = sorted({b for b in boxes if not b.is_empty()}, key=lambda b: b.offset)
+    check_tiling(shape, nonempty)
+    if math.prod(shape) == 0:
+        one = tuple(max(1, s) for s in shape)
+        return ArrayPlan("regular", (PartPlan(0, (0,) * len(shape), shape, one, one),))
+    cell = common_grid(shape, nonempty)
+    if cell is not None:
+        single = tuple(c >= s for c, s in zip(cell, shape, strict=True))
+        grid, chunks = choose_chunks(shape, cell, single, itemsize, chunk_bytes)
+        return ArrayPlan("regular", (PartPlan(0, (0,) * len(shape), shape, grid, chunks),))
+    parts = []
+    for i, b in enumerate(nonempty):
+        grid, chunks = choose_chunks(b.shape, b.shape, (True,) * len(shape), itemsize, chunk_bytes)
+        parts.append(PartPlan(i, b.offset, b.shape, grid, chunks))
+    return ArrayPlan("pieces", tuple(parts))
+
+
+def choose_chunks(
+    shape: Sequence[int], cell: Sequence[int], single: Sequence[bool], itemsize: int, target: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Pick the inner chunk shape (about ``target`` bytes) and the final shard shape.
+
+    Inner chunks must divide the shard shape. Along a dimension split between
+    writers the shard extent is fixed, so the chunk takes its largest divisor that
+    fits; along a dimension with a single shard the shard is rounded up to a multiple
+    of the chunk instead (the excess lies beyond the array edge and is never stored).
+    Chunks span whole trailing rows where possible, so they are contiguous in memory.
+    """
+    ndim = len(shape)
+    chunk = list(cell)
+    for d in range(ndim):
+        trailing = itemsize * math.prod(cell[d + 1 :])
+        if trailing >= target and d < ndim - 1:
+            chunk[d] = 1
+            continue
+        rows = max(1, target // max(1, trailing))
+        chunk[d] = min(rows, cell[d]) if single[d] else _largest_divisor_at_most(cell[d], rows)
+        break
+    grid = tuple(
+        (-(-max(s, 1) // c) * c) if single[d] else cell[d]
+        for d, (s, c) in enumerate(zip(shape, chunk, strict=True))
+    )
+    return grid, tuple(chunk)
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    if n <= limit:
+        return n
+    best = 1
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            if i <= limit:
+                best = max(best, i)
+            if n // i <= limit:
+                best = max(best, n // i)
+        i += 1
+    return best

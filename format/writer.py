@@ -1,0 +1,217 @@
+"""Writing one rank's boxes of a checkpoint.
+
+Many writers (ranks, processes, machines) write boxes of the same arrays at once with
+no coordination: each shard object has exactly one writer, because the storage plan
+(``plan.py``) makes every writer box a union of whole shards. A writer ends with a
+``WriterReport`` — plain JSON — that the committer merges into the manifest.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
+from ckptd.format.codecs import CodecSpec, crc32c
+from ckptd.format.dtypes import LogicalDType, of_tensor, tensor_to_numpy
+from ckptd.format.errors import CheckpointError, LayoutError, StorageError
+from ckptd.format.layout import Mesh, TensorLayout
+from ckptd.format.manifest import ArrayKind, PartRecord, ShardRecord
+from ckptd.format.names import check_array_path
+from ckptd.format.plan import DEFAULT_CHUNK_BYTES, ArrayPlan, PartPlan, plan_array
+from ckptd.format.shard import ShardGeometry, encode_shard
+from ckptd.format.store import Store
+
+
+def shard_key(array_key: str, coords: Sequence[int]) -> str:
+    """Storage key of a shard (Zarr v3 default chunk key encoding with ``/``)."""
+    return "/".join([array_key, "c", *(str(c) for c in coords)])
+
+
+@dataclass(slots=True)
+class ArrayReport:
+    """What one writer wrote of one array (merged across writers by the committer)."""
+
+    dtype: LogicalDType
+    shape: tuple[int, ...]
+    kind: ArrayKind
+    codec: CodecSpec
+    layout: TensorLayout | None
+    parts: dict[int, PartRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype.name,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "codec": self.codec.to_json(),
+            "layout": None if self.layout is None else self.layout.to_json(),
+            "parts": {str(i): p.to_json() for i, p in self.parts.items()},
+        }
+
+
+@dataclass(slots=True)
+class WriterReport:
+    rank: int
+    arrays: dict[str, ArrayReport] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for a in self.arrays.values() for p in a.parts.values() for s in p.shards)
+
+
+class CheckpointWriter:
+    """Writes boxes of arrays into one checkpoint directory of a store, on a thread pool.
+
+    ``add`` schedules the work and returns at once; the tensor's memory must not change
+    until ``finish`` returns (the engine guarantees that with host snapshots). Encoding
+    (crc32c, compression) and file I/O release the GIL, so threads overlap.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        rank: int = 0,
+        codec: CodecSpec | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        threads: int = 4,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.codec = codec or CodecSpec()
+        self.chunk_bytes = chunk_bytes
+        self._own_pool = executor is None
+        self._pool = executor or ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptd-write")
+        self._futures: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._report = WriterReport(rank)
+
+    def add(
+        self,
+        path: str,
+        tensor: torch.Tensor,
+        *,
+        shape: Sequence[int] | None = None,
+        box: ShardBox | None = None,
+        layout: TensorLayout | None = None,
+        mesh: Mesh | None = None,
+        boxes: Sequence[ShardBox] | None = None,
+    ) -> None:
+        """Schedule writing ``tensor`` as box ``box`` of the array ``path`` of global ``shape``.
+
+        The set of all writer boxes comes from ``boxes``, or from ``layout`` and ``mesh``;
+        without either, this writer is the only one and ``tensor`` is the whole array.
+        """
+        check_array_path(path)
+        dtype = of_tensor(tensor)
+        gshape = tuple(int(s) for s in (shape if shape is not None else tensor.shape))
+        box = box or ShardBox.whole(gshape)
+        if tuple(tensor.shape) != box.shape:
+            raise LayoutError(f"{path}: tensor of shape {tuple(tensor.shape)} does not fill its box {box.to_json()}")
+        if not box.fits_in(gshape):
+            raise LayoutError(f"{path}: box {box.to_json()} lies outside the global shape {gshape}")
+        if boxes is None:
+            boxes = layout.all_boxes(gshape, mesh) if layout is not None and mesh is not None else [box]
+        plan = plan_array(gshape, dtype.itemsize, boxes, self.chunk_bytes)
+        codec = CodecSpec() if plan.kind == "scalar" else self.codec
+        with self._lock:
+            rep = self._report.arrays.get(path)
+            if rep is None:
+                rep = self._report.arrays[path] = ArrayReport(dtype, gshape, plan.kind, codec, layout)
+            elif rep.dtype != dtype or rep.shape != gshape:
+                raise LayoutError(f"{path}: written twice with different dtype or shape")
+            if box.is_empty() and plan.kind == "pieces":
+                return  # an empty box (a short trailing ZeRO shard) stores nothing
+            part = plan.part_for(box)
+            rep.parts.setdefault(part.index, PartRecord(part.offset, part.shape, part.grid, part.chunks, ()))
+        data = tensor_to_numpy(tensor)
+        array_key = path if plan.kind != "pieces" else f"{path}/piece-{part.index:05d}"
+        for coords in self._shards_of(plan, part, box):
+            self._futures.append(self._pool.submit(self._write_shard, path, array_key, part, coords, box, data, codec))
+
+    @staticmethod
+    def _shards_of(plan: ArrayPlan, part: PartPlan, box: ShardBox) -> list[tuple[int, ...]]:
+        if plan.kind == "scalar":
+            return [()]
+        if plan.kind == "pieces" or box.is_empty():
+            return [(0,) * len(part.shape)] if plan.kind == "pieces" else []
+        return list(cells_overlapping(box, part.grid))
+
+    def _write_shard(
+        self,
+        path: str,
+        array_key: str,
+        part: PartPlan,
+        coords: tuple[int, ...],
+        box: ShardBox,
+        data: np.ndarray,
+        codec: CodecSpec,
+    ) -> None:
+        if not coords and not part.shape:  # 0-d: one plain chunk "c", no sharding
+            raw = data.reshape(-1).view(np.uint8).tobytes()
+            buffers: list[Any] = [raw, struct.pack("<I", crc32c(raw))]
+            key = f"{array_key}/c"
+            nbytes, index_crc = len(raw) + 4, 0
+        else:
+            local_box = ShardBox(tuple(o - po for o, po in zip(box.offset, part.offset, strict=True)), box.shape)
+            cell = cell_box(coords, part.grid, part.shape)
+            if local_box.intersect(cell) != cell:
+                raise LayoutError(f"{path}: shard {coords} is not wholly inside this writer's box")
+            sub = data[cell.relative_to(local_box)]
+            geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
+            enc = encode_shard(sub, geom, codec)
+            buffers, nbytes, index_crc = enc.buffers, enc.nbytes, enc.index_crc32c
+            key = shard_key(array_key, coords)
+        try:
+            self.store.write(key, buffers)
+        except CheckpointError:
+            raise
+        except OSError as e:
+            raise StorageError(f"writing {key} to {self.store.url} failed: {e}") from e
+        record = ShardRecord(coords, self.rank, nbytes, index_crc)
+        with self._lock:
+            rep = self._report.arrays[path]
+            old = rep.parts[part.index]
+            rep.parts[part.index] = PartRecord(old.offset, old.shape, old.grid, old.chunks, (*old.shards, record))
+
+    def finish(self) -> WriterReport:
+        """Wait for every scheduled shard, make them durable, and return the report.
+
+        The first failure is raised (as a :class:`CheckpointError`) after all work has stopped.
+        """
+        error: BaseException | None = None
+        for f in self._futures:
+            try:
+                f.result()
+            except BaseException as e:  # keep draining so no thread writes after we return
+                error = error or e
+        self._futures.clear()
+        if self._own_pool:
+            self._pool.shutdown(wait=True)
+        if error is not None:
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"writing checkpoint shards failed: {error}") from error
+        try:
+            self.store.flush()
+        except OSError as e:
+            raise StorageError(f"making shards durable in {self.store.url} failed: {e}") from e
+        return self._report
+
+
+def write_state(
+    writer: CheckpointWriter,
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Schedule whole tensors (single-writer arrays)."""
+    for path, t in tensors.items():
+        writer.add(path, t)
