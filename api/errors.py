@@ -6,7 +6,7 @@ Service functions raise these (never HTTP exceptions: the CLI shares the service
     CheckpointError                                  (ckptd.format.errors)
     └── CatalogError
         ├── NotFoundError(CatalogError, LookupError)       -> 404
-        ├── ConflictError(CatalogError)                    -> 409  duplicate name, incompatible re-registration
+        ├── ConflictError(CatalogError)                    -> 409  incompatible re-registration
         ├── InvalidTransitionError(ConflictError)          -> 409  checkpoint state machine violated
         ├── InvalidRequestError(CatalogError, ValueError)  -> 422  well-formed but meaningless request
         ├── OutsideRunRootError(InvalidRequestError)       -> 422  a URI that is not inside the run's root

@@ -115,7 +115,9 @@ class CheckpointMetric(Base):
     __tablename__ = "checkpoint_metrics"
     __table_args__ = (Index("ix_checkpoint_metrics_name_value", "name", "value"),)
 
-    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
+    )
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[float] = mapped_column(Float)
 
@@ -124,7 +126,9 @@ class CheckpointTag(Base):
     __tablename__ = "checkpoint_tags"
     __table_args__ = (Index("ix_checkpoint_tags_tag", "tag"),)
 
-    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
+    )
     tag: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
@@ -133,7 +137,9 @@ class Location(Base):
 
     __tablename__ = "locations"
 
-    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
+    )
     tier: Mapped[str] = mapped_column(String(16), primary_key=True)
     uri: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

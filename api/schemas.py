@@ -12,15 +12,16 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
-
 from ckptd.api.uris import check_uri
 from ckptd.format.layout import TensorLayout
 from ckptd.format.names import check_array_path, check_segment
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 MAX_DOC_BYTES = 64 * 1024
 MAX_ARRAYS = 20_000
 MAX_STEP = 2**62
+MAX_ID = 2**31 - 1
+"""Ids are 32-bit integers on PostgreSQL."""
 
 
 def _bounded_json(doc: dict[str, Any]) -> dict[str, Any]:
@@ -29,7 +30,7 @@ def _bounded_json(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _selector(value: str) -> str:
+def check_selector(value: str) -> str:
     if value == "latest" or re.fullmatch(r"step:\d{1,19}", value):
         return value
     if value.startswith("best:"):
@@ -37,10 +38,10 @@ def _selector(value: str) -> str:
         if not METRIC_RE.fullmatch(metric) or mode not in ("", "min", "max"):
             raise ValueError(f"selector {value!r} must be best:<metric>[:min|:max]")
         return value
-    return _alias_name(value)
+    return check_alias_name(value)
 
 
-def _alias_name(value: str) -> str:
+def check_alias_name(value: str) -> str:
     check_segment(value)
     if value == "latest" or value.startswith(("best:", "step:")):
         raise ValueError(f"alias {value!r} is reserved (latest, best:<metric>, step:<n>)")
@@ -49,8 +50,8 @@ def _alias_name(value: str) -> str:
 
 METRIC_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,200}")
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(check_segment)]
-AliasName = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_alias_name)]
-Selector = Annotated[str, StringConstraints(min_length=1, max_length=220), AfterValidator(_selector)]
+AliasName = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(check_alias_name)]
+Selector = Annotated[str, StringConstraints(min_length=1, max_length=220), AfterValidator(check_selector)]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-/]{1,200}$")]
 MetricValue = Annotated[float, Field(allow_inf_nan=False)]
 Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-:]{1,100}$")]
@@ -82,7 +83,9 @@ class RetentionPolicy(Strict):
 
     keep_last: int | None = Field(default=None, ge=1, le=100_000)
     keep_best: KeepBest | None = None
-    keep_every: int | None = Field(default=None, ge=1, le=MAX_STEP, description="keep steps divisible by this")
+    keep_every: int | None = Field(
+        default=None, ge=1, le=MAX_STEP, description="keep steps divisible by this"
+    )
     collect_failed: bool = True
 
 
@@ -213,7 +216,7 @@ class RunPage(BaseModel):
 
 
 class AliasSet(Strict):
-    checkpoint_id: int = Field(ge=1, le=2**62)
+    checkpoint_id: int = Field(ge=1, le=MAX_ID)
 
 
 class AliasPublic(BaseModel):
@@ -226,7 +229,7 @@ class AliasPublic(BaseModel):
 class RollbackRequest(Strict):
     """Exactly one of ``checkpoint_id`` or ``select`` (latest, best:<metric>[:min|:max], step:<n>, alias)."""
 
-    checkpoint_id: int | None = Field(default=None, ge=1, le=2**62)
+    checkpoint_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     select: Selector | None = None
     reason: Annotated[str, StringConstraints(max_length=1000)] | None = None
 

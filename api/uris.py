@@ -40,7 +40,9 @@ def check_uri(uri: str) -> str:
     else:
         parts = urlsplit(uri)
         if parts.scheme not in STORAGE_SCHEMES:
-            raise UnsafeNameError(f"storage URI scheme {parts.scheme!r} is not one of {sorted(STORAGE_SCHEMES)}")
+            raise UnsafeNameError(
+                f"storage URI scheme {parts.scheme!r} is not one of {sorted(STORAGE_SCHEMES)}"
+            )
         if parts.query or parts.fragment or "?" in uri or "#" in uri:
             raise UnsafeNameError("storage URI must not carry a query or fragment")
         if "@" in parts.netloc or ":" in parts.netloc:

@@ -13,6 +13,7 @@ if _os.path.isfile(_os.path.join(_checkout, "format", "SPEC.md")) and _checkout 
     __path__.append(_checkout)
 
 from ckptd.checkpoint_io import load, open_run, save  # noqa: E402
+from ckptd.engine import Checkpointer, CheckpointerConfig, Retention, ShardSpec, TierConfig  # noqa: E402
 from ckptd.format import (  # noqa: E402
     CheckpointError,
     CheckpointExistsError,
@@ -35,13 +36,18 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "Checkpointer",
+    "CheckpointerConfig",
     "CodecSpec",
     "IntegrityError",
     "LayoutError",
     "MetadataError",
+    "Retention",
     "ShardBox",
+    "ShardSpec",
     "StorageError",
     "TensorLayout",
+    "TierConfig",
     "UnsafeNameError",
     "UnsupportedFormatError",
     "__version__",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,7 @@ def commit(
         mesh=dict(mesh or {}),
         metadata=dict(metadata or {}),
     )
+    documents: dict[str, bytes] = {}
     groups: set[str] = {""}
     for a in arrays.values():
         segments = a.path.split("/")
@@ -114,10 +116,14 @@ def commit(
         if a.kind == "pieces":
             groups.add(a.path)
         for i, part in enumerate(a.parts):
-            store.write(f"{a.part_key(i)}/{ZARR_JSON}", [array_document(a, part, i)])
+            documents[f"{a.part_key(i)}/{ZARR_JSON}"] = array_document(a, part, i)
     for g in sorted(groups):
         attrs = {"ckptd": {"format_version": manifest.format_version, "step": step}} if g == "" else {}
-        store.write(f"{g}/{ZARR_JSON}" if g else ZARR_JSON, [group_document(attrs)])
+        documents[f"{g}/{ZARR_JSON}" if g else ZARR_JSON] = group_document(attrs)
+    # Hundreds of small objects: write them concurrently (object stores answer in parallel).
+    with ThreadPoolExecutor(16) as pool:
+        for f in [pool.submit(store.write, key, [doc]) for key, doc in documents.items()]:
+            f.result()
     store.flush()
     store.write_atomic(MANIFEST_KEY, manifest.dumps())
     return manifest

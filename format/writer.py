@@ -82,7 +82,7 @@ class CheckpointWriter:
         rank: int = 0,
         codec: CodecSpec | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        threads: int = 4,
+        threads: int = 8,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.store = store
@@ -215,3 +215,36 @@ def write_state(
     """Schedule whole tensors (single-writer arrays)."""
     for path, t in tensors.items():
         writer.add(path, t)
+
+
+def report_to_json(report: WriterReport) -> dict[str, Any]:
+    """A writer report as JSON, to send to the committer (TCPStore, gloo) without pickling."""
+    return {"rank": report.rank, "arrays": {p: a.to_json() for p, a in report.arrays.items()}}
+
+
+def report_from_json(doc: Any) -> WriterReport:
+    """Parse a report produced by ``report_to_json``; validated like a manifest."""
+    from ckptd.format.dtypes import logical_dtype
+    from ckptd.format.errors import MetadataError
+    from ckptd.format.manifest import _array  # the same strict validation as manifests
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("arrays"), dict) or not isinstance(doc.get("rank"), int):
+        raise MetadataError("malformed writer report")
+    rep = WriterReport(int(doc["rank"]))
+    for path, a in doc["arrays"].items():
+        if not isinstance(a, dict) or not isinstance(a.get("parts"), dict):
+            raise MetadataError(f"malformed writer report for {path!r}")
+        parts_doc = a["parts"]
+        rec = _array(check_array_path(path), {**a, "parts": list(parts_doc.values())} if a.get("kind") == "pieces"
+                     else {**a, "parts": list(parts_doc.values()) or [_empty_part(a)]})
+        ar = ArrayReport(logical_dtype(a["dtype"]), rec.shape, rec.kind, rec.codec, rec.layout)
+        for key, part in zip(parts_doc.keys(), rec.parts, strict=False):
+            ar.parts[int(key)] = part
+        rep.arrays[path] = ar
+    return rep
+
+
+def _empty_part(a: dict[str, Any]) -> dict[str, Any]:
+    shape = a.get("shape", [])
+    n = len(shape) if isinstance(shape, list) else 0
+    return {"offset": [0] * n, "shape": shape, "grid": [1] * n, "chunks": [1] * n, "shards": []}

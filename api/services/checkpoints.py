@@ -15,9 +15,6 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, select
-from sqlalchemy.orm import Session
-
 from ckptd.api.errors import ConflictError, InvalidRequestError, InvalidTransitionError, NotFoundError
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run, utcnow
 from ckptd.api.schemas import (
@@ -30,6 +27,8 @@ from ckptd.api.schemas import (
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.api.services.runs import get_run
 from ckptd.api.uris import require_within
+from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy.orm import Session
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"committed", "failed"}),
@@ -45,7 +44,9 @@ def transition(ckpt: Checkpoint, new_state: str, *, error: str | None = None) ->
     if new_state == ckpt.state:
         return
     if new_state not in TRANSITIONS[ckpt.state]:
-        raise InvalidTransitionError(f"checkpoint {ckpt.id} (step {ckpt.step}) cannot go {ckpt.state} -> {new_state}")
+        raise InvalidTransitionError(
+            f"checkpoint {ckpt.id} (step {ckpt.step}) cannot go {ckpt.state} -> {new_state}"
+        )
     ckpt.state = new_state
     if new_state == "committed":
         ckpt.committed_at = utcnow()
@@ -94,7 +95,9 @@ def _layout_doc(layout: LayoutDoc) -> dict[str, Any]:
     return layout.model_dump(mode="json")
 
 
-def register_checkpoint(session: Session, *, run_name: str, data: CheckpointCreate) -> tuple[Checkpoint, bool]:
+def register_checkpoint(
+    session: Session, *, run_name: str, data: CheckpointCreate
+) -> tuple[Checkpoint, bool]:
     """Register a pending checkpoint. Retrying a registration returns the existing row unchanged;
     a step whose earlier attempt failed or was deleted (a run that rolled back) starts afresh."""
     run = get_run(session, name=run_name)
@@ -168,10 +171,12 @@ def list_checkpoints(
     key_name = sort.lstrip("-")
     query: Select[Any] = select(Checkpoint)
     key_col: Any
+    key_type: type
     if key_name.startswith("metric:"):
         metric = key_name[len("metric:") :]
         query = query.join(
-            CheckpointMetric, (CheckpointMetric.checkpoint_id == Checkpoint.id) & (CheckpointMetric.name == metric)
+            CheckpointMetric,
+            (CheckpointMetric.checkpoint_id == Checkpoint.id) & (CheckpointMetric.name == metric),
         )
         key_col, key_type = CheckpointMetric.value, float
     elif key_name in SORT_KEYS:
@@ -193,7 +198,9 @@ def list_checkpoints(
         )
     if tier is not None:
         query = query.where(
-            select(Location.tier).where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier).exists()
+            select(Location.tier)
+            .where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier)
+            .exists()
         )
     if min_step is not None:
         query = query.where(Checkpoint.step >= min_step)
@@ -245,7 +252,9 @@ def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
             "nbytes": ckpt.nbytes,
             "metrics": {m.name: m.value for m in ckpt.metrics},
             "tags": [t.tag for t in ckpt.tags],
-            "locations": [{"tier": loc.tier, "uri": loc.uri, "created_at": loc.created_at} for loc in ckpt.locations],
+            "locations": [
+                {"tier": loc.tier, "uri": loc.uri, "created_at": loc.created_at} for loc in ckpt.locations
+            ],
             "layout_summary": summary,
             "error": ckpt.error,
             "created_at": ckpt.created_at,

@@ -11,10 +11,9 @@ import binascii
 import json
 from typing import Any
 
+from ckptd.api.errors import InvalidRequestError
 from sqlalchemy import ColumnElement, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute
-
-from ckptd.api.errors import InvalidRequestError
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from ckptd.api.errors import ConflictError, InvalidRequestError
 from ckptd.api.models import Checkpoint
 from ckptd.api.schemas import ArrayRead, Box, LocationPublic, RankPlan, RestorePlan
@@ -22,6 +20,7 @@ from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.uris import TIERS, array_uri
 from ckptd.format.errors import LayoutError, MetadataError
 from ckptd.format.layout import TensorLayout, mesh_coords
+from sqlalchemy.orm import Session
 
 RANK_ORDER = ("pp", "dp", "tp")
 MAX_PLAN_ENTRIES = 200_000
@@ -40,12 +39,16 @@ def restore_plan(
 ) -> RestorePlan:
     ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id)
     if ckpt.state != "committed":
-        raise ConflictError(f"checkpoint {ckpt.id} is {ckpt.state}; only committed checkpoints can be restored")
+        raise ConflictError(
+            f"checkpoint {ckpt.id} is {ckpt.state}; only committed checkpoints can be restored"
+        )
     if ckpt.layout is None:
         raise ConflictError(f"checkpoint {ckpt.id} registered no layout metadata; sync it from its manifest")
     sources = persistent_sources(ckpt)
     if not sources:
-        raise ConflictError(f"checkpoint {ckpt.id} has no persistent location (only in a training process's memory)")
+        raise ConflictError(
+            f"checkpoint {ckpt.id} has no persistent location (only in a training process's memory)"
+        )
     arrays: dict[str, dict[str, Any]] = ckpt.layout.get("arrays", {})
     source_mesh: dict[str, int] = {str(k): int(v) for k, v in ckpt.layout.get("mesh", {}).items()}
     target: dict[str, int] = {"pp": pp, "dp": dp, "tp": tp}
@@ -64,7 +67,9 @@ def restore_plan(
         try:
             layout = TensorLayout.from_json(spec.get("layout") or {"partition": []})
         except (MetadataError, LayoutError) as e:
-            raise ConflictError(f"array {path!r} of checkpoint {ckpt.id} has unusable layout metadata: {e}") from e
+            raise ConflictError(
+                f"array {path!r} of checkpoint {ckpt.id} has unusable layout metadata: {e}"
+            ) from e
         shape = [int(s) for s in spec.get("shape", [])]
         numel = math.prod(shape)
         itemsize = (int(spec.get("nbytes", 0)) / numel) if numel else 0.0

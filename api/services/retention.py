@@ -16,9 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from ckptd.api.errors import OutsideRunRootError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Run
 from ckptd.api.schemas import GCEntry, GCPlan, GCResult, RetentionPolicy
@@ -26,6 +23,8 @@ from ckptd.api.services.checkpoints import transition
 from ckptd.api.services.runs import get_run
 from ckptd.api.services.selection import protected_ids
 from ckptd.api.uris import require_within
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 StorageDeleter = Callable[[str], None]
 """Deletes the tree at a URI (a checkpoint group); missing trees are not an error."""
@@ -86,7 +85,9 @@ def plan_gc(session: Session, *, run_name: str) -> tuple[GCPlan, list[Checkpoint
         elif c.state == "failed" and not policy.collect_failed:
             plan.keep.append(_entry(c, "collect_failed is false"))
         else:
-            plan.delete.append(_entry(c, {"committed": "retention", "failed": "failed", "deleting": "retry"}[c.state]))
+            plan.delete.append(
+                _entry(c, {"committed": "retention", "failed": "failed", "deleting": "retry"}[c.state])
+            )
             doomed.append(c)
     return plan, doomed
 
@@ -101,7 +102,7 @@ def delete_checkpoint_data(ckpt: Checkpoint, run: Run, *, delete: StorageDeleter
 
 
 def execute_gc(session: Session, *, run_name: str, delete: StorageDeleter = fsspec_delete) -> GCResult:
-    """Apply the plan: mark ``deleting`` (committed to the database), delete from storage, mark ``deleted``."""
+    """Apply the plan: mark ``deleting`` (committed first), delete from storage, mark ``deleted``."""
     plan, doomed = plan_gc(session, run_name=run_name)
     run = get_run(session, name=run_name)
     result = GCResult(run=run.name, deleted=[], failed=[])

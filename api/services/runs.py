@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-
-from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from typing import Any
 
 from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from ckptd.api.models import Checkpoint, Run
 from ckptd.api.schemas import RunCreate, RunPublic, RunUpdate
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.format.names import check_segment
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 RUN_SORTS = ("created_at", "-created_at", "name", "-name")
 
@@ -35,7 +35,7 @@ def create_run(session: Session, *, data: RunCreate) -> tuple[Run, bool]:
         run = Run(
             name=data.name,
             config=data.config,
-            roots=dict(data.roots),
+            roots={str(k): v for k, v in data.roots.items()},
             retention=data.retention.model_dump(exclude_none=True),
         )
         try:
@@ -48,9 +48,11 @@ def create_run(session: Session, *, data: RunCreate) -> tuple[Run, bool]:
                 raise
     for tier, uri in data.roots.items():
         if existing.roots.get(tier, uri) != uri:
-            raise ConflictError(f"run {data.name!r} already has {tier} root {existing.roots[tier]!r}, not {uri!r}")
+            raise ConflictError(
+                f"run {data.name!r} already has {tier} root {existing.roots[tier]!r}, not {uri!r}"
+            )
     if not data.roots.keys() <= existing.roots.keys():
-        existing.roots = {**existing.roots, **data.roots}
+        existing.roots = {**existing.roots, **{str(k): v for k, v in data.roots.items()}}
     return existing, False
 
 
@@ -61,7 +63,7 @@ def update_run(session: Session, *, name: str, data: RunUpdate) -> Run:
     if data.config is not None:
         run.config = data.config
     if data.roots is not None:
-        run.roots = dict(data.roots)
+        run.roots = {str(k): v for k, v in data.roots.items()}
     if data.retention is not None:
         run.retention = data.retention.model_dump(exclude_none=True)
     session.flush()
@@ -97,7 +99,7 @@ def list_runs(
             except ValueError as e:
                 raise InvalidRequestError("malformed pagination cursor") from e
         query = query.where(after(key_col, Run.id, bound, row_id, descending=descending))
-    order: list[ColumnElement[object]] = (
+    order: list[ColumnElement[Any]] = (
         [key_col.desc(), Run.id.desc()] if descending else [key_col.asc(), Run.id.asc()]
     )
     runs = list(session.scalars(query.order_by(*order).limit(limit + 1)))

@@ -14,14 +14,15 @@ could not be restored.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+import contextlib
 
 from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from ckptd.api.models import Alias, Checkpoint, CheckpointMetric, Rollback, Run, utcnow
 from ckptd.api.schemas import RollbackRequest
 from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.services.runs import get_run
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 
 def resolve(session: Session, *, run_name: str, selector: str) -> Checkpoint:
@@ -62,7 +63,9 @@ def set_alias(session: Session, *, run_name: str, name: str, checkpoint_id: int)
     run = get_run(session, name=run_name)
     ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id)
     if ckpt.run_id != run.id:
-        raise InvalidRequestError(f"checkpoint {checkpoint_id} belongs to run {ckpt.run.name!r}, not {run.name!r}")
+        raise InvalidRequestError(
+            f"checkpoint {checkpoint_id} belongs to run {ckpt.run.name!r}, not {run.name!r}"
+        )
     if ckpt.state != "committed":
         raise ConflictError(f"checkpoint {checkpoint_id} is {ckpt.state}; only committed ones can be aliased")
     alias = session.get(Alias, (run.id, name))
@@ -85,10 +88,8 @@ def list_aliases(session: Session, *, run_name: str) -> list[tuple[str, bool, Ch
     """(name, computed, checkpoint): ``latest`` when the run has a committed checkpoint, then user aliases."""
     run = get_run(session, name=run_name)
     out: list[tuple[str, bool, Checkpoint]] = []
-    try:
+    with contextlib.suppress(NotFoundError):
         out.append(("latest", True, resolve(session, run_name=run.name, selector="latest")))
-    except NotFoundError:
-        pass
     for alias in session.scalars(select(Alias).where(Alias.run_id == run.id).order_by(Alias.name)):
         out.append((alias.name, False, alias.checkpoint))
     return out
@@ -102,9 +103,13 @@ def request_rollback(session: Session, *, run_name: str, data: RollbackRequest) 
     if data.checkpoint_id is not None:
         ckpt = get_checkpoint(session, checkpoint_id=data.checkpoint_id)
         if ckpt.run_id != run.id:
-            raise InvalidRequestError(f"checkpoint {ckpt.id} belongs to run {ckpt.run.name!r}, not {run.name!r}")
+            raise InvalidRequestError(
+                f"checkpoint {ckpt.id} belongs to run {ckpt.run.name!r}, not {run.name!r}"
+            )
         if ckpt.state != "committed":
-            raise ConflictError(f"checkpoint {ckpt.id} is {ckpt.state}; a run can only roll back to a committed one")
+            raise ConflictError(
+                f"checkpoint {ckpt.id} is {ckpt.state}; a run can only roll back to a committed one"
+            )
     else:
         assert data.select is not None
         ckpt = resolve(session, run_name=run.name, selector=data.select)

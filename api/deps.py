@@ -1,0 +1,72 @@
+"""Typed FastAPI dependencies: the database session, the bearer-token guard, app services."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from ckptd.api.db import Database
+from ckptd.api.services.jobs import JobRunner
+from ckptd.api.services.retention import StorageDeleter
+from ckptd.api.settings import CatalogSettings
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+_bearer = HTTPBearer(auto_error=False, description="CKPTD_API_TOKEN; required by every mutating endpoint")
+
+
+def get_settings(request: Request) -> CatalogSettings:
+    settings: CatalogSettings = request.app.state.settings
+    return settings
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
+    """One session per request: committed when the handler returns, rolled back when it raises."""
+    with db.session() as session:
+        yield session
+
+
+def require_token(
+    settings: Annotated[CatalogSettings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Refuse a mutating call without the right bearer token. A server without a configured token
+    refuses every mutation (fail closed) unless it was started with ``allow_anonymous_writes``."""
+    expected = settings.api_token
+    if expected is None:
+        if settings.allow_anonymous_writes:
+            return
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this catalog has no CKPTD_API_TOKEN; it is read-only")
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def get_jobs(request: Request) -> JobRunner:
+    runner: JobRunner = request.app.state.jobs
+    return runner
+
+
+def get_deleter(request: Request) -> StorageDeleter:
+    deleter: StorageDeleter = request.app.state.deleter
+    return deleter
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+"""Committed before the response is sent (scope="function"): a client that got 201 can read its row."""
+DatabaseDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[CatalogSettings, Depends(get_settings)]
+JobsDep = Annotated[JobRunner, Depends(get_jobs)]
+DeleterDep = Annotated[StorageDeleter, Depends(get_deleter)]
+Authorized = Depends(require_token)
+"""``dependencies=[Authorized]`` on every mutating route."""

@@ -1,0 +1,1 @@
+"""HTTP routes of the catalog, one module per resource; all mounted under ``/api/v1``."""

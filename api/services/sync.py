@@ -1,0 +1,150 @@
+"""Reconcile the catalog from the manifests in storage (storage is the source of truth).
+
+Two halves with a small seam between them, so that each is testable alone:
+
+* :func:`read_run_manifests` lists a run root with ``ckptd.storage.open_store`` and
+  ``ckptd.format.run.Run`` and returns :class:`ManifestRecord` s (step, URI, manifest JSON);
+* :func:`reconcile` applies records to the catalog: unknown steps are added as committed,
+  pending/failed rows whose manifest exists become committed (the manifest is written last,
+  so it exists only for a complete checkpoint), committed rows gain the tier's location, and
+  committed rows of that tier without a manifest are reported as ``missing`` (never deleted:
+  the storage may be briefly unreachable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ckptd.api.errors import InvalidRequestError
+from ckptd.api.models import Checkpoint, Location
+from ckptd.api.schemas import CheckpointCreate, LayoutDoc, LocationIn, RunCreate, SyncReport
+from ckptd.api.services.checkpoints import register_checkpoint, set_locations, transition
+from ckptd.api.services.runs import create_run
+from ckptd.api.uris import check_uri, require_within
+from ckptd.format.errors import CheckpointError
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    step: int
+    uri: str
+    """URI of the checkpoint group (``<run root>/step_<n>``)."""
+    doc: dict[str, Any]
+    """The manifest as JSON: ``step``, ``created_at``, ``arrays``, ``mesh``, ``metadata`` ..."""
+
+
+def read_run_manifests(root: str) -> tuple[list[ManifestRecord], dict[str, str]]:
+    """Committed checkpoints under a run root, and steps whose manifest could not be read."""
+    from ckptd.format.run import Run, step_dir  # the storage stack is only needed when syncing
+
+    from ckptd.storage import open_store
+
+    root = check_uri(root)
+    run = Run(open_store(root, fsync=False))
+    records: list[ManifestRecord] = []
+    rejected: dict[str, str] = {}
+    for step in run.steps():
+        try:
+            manifest = run.manifest(step)
+        except CheckpointError as e:
+            rejected[str(step)] = str(e)
+            continue
+        records.append(ManifestRecord(step=step, uri=f"{root}/{step_dir(step)}", doc=manifest.to_json()))
+    return records, rejected
+
+
+def checkpoint_from_manifest(record: ManifestRecord, tier: str) -> CheckpointCreate:
+    """Validate what a manifest says about a checkpoint exactly like an API request."""
+    doc = record.doc
+    arrays = {
+        path: {
+            "dtype": a.get("dtype"),
+            "shape": a.get("shape"),
+            "layout": a.get("layout") or {},
+            "nbytes": a.get("nbytes", 0),
+        }
+        for path, a in (doc.get("arrays") or {}).items()
+    }
+    layout = LayoutDoc.model_validate({"mesh": doc.get("mesh") or {}, "arrays": arrays})
+    meta = doc.get("metadata") or {}
+    base: dict[str, Any] = {
+        "step": record.step,
+        "locations": [LocationIn.model_validate({"tier": tier, "uri": record.uri})],
+        "layout": layout,
+        "nbytes": doc.get("nbytes", sum(int(a.get("nbytes", 0)) for a in arrays.values())),
+    }
+    try:
+        return CheckpointCreate.model_validate(
+            {**base, "metrics": meta.get("metrics") or {}, "tags": meta.get("tags") or []}
+        )
+    except ValidationError:  # bad metrics/tags do not make the checkpoint less real: keep it without them
+        return CheckpointCreate.model_validate(base)
+
+
+def reconcile(
+    session: Session,
+    *,
+    run_name: str,
+    tier: str,
+    root: str,
+    records: Iterable[ManifestRecord],
+    rejected: dict[str, str] | None = None,
+) -> SyncReport:
+    if tier not in ("local", "remote"):
+        raise InvalidRequestError(f"cannot sync the {tier!r} tier")
+    run, _ = create_run(session, data=RunCreate.model_validate({"name": run_name, "roots": {tier: root}}))
+    report = SyncReport(run=run.name, tier=tier, rejected=dict(rejected or {}))
+    seen: set[int] = set()
+    for record in sorted(records, key=lambda r: r.step):
+        try:
+            if record.doc.get("step") != record.step:
+                raise InvalidRequestError(f"manifest says step {record.doc.get('step')!r}")
+            require_within(record.uri, run.roots.get(tier), tier=tier)
+            data = checkpoint_from_manifest(record, tier)
+        except (ValidationError, ValueError, CheckpointError) as e:
+            report.rejected[str(record.step)] = str(e)[:500]
+            continue
+        seen.add(record.step)
+        ckpt = session.scalar(
+            select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.step == record.step)
+        )
+        if ckpt is None or ckpt.state == "deleted":
+            ckpt, _ = register_checkpoint(session, run_name=run.name, data=data)
+            transition(ckpt, "committed")
+            report.added.append(record.step)
+        elif ckpt.state in ("pending", "failed"):
+            if ckpt.state == "failed":  # the manifest is proof of a complete checkpoint
+                ckpt.state = "pending"
+            set_locations(ckpt, run, data.locations)
+            if ckpt.layout is None and data.layout is not None:
+                ckpt.layout = data.layout.model_dump(mode="json")
+            if ckpt.nbytes is None:
+                ckpt.nbytes = data.nbytes
+            transition(ckpt, "committed")
+            report.committed.append(record.step)
+        elif ckpt.state == "committed":
+            if not any(loc.tier == tier for loc in ckpt.locations):
+                set_locations(ckpt, run, data.locations)
+                report.committed.append(record.step)
+            else:
+                report.unchanged.append(record.step)
+        else:  # deleting: GC owns it
+            report.unchanged.append(record.step)
+        session.flush()
+    held_here = session.scalars(
+        select(Checkpoint.step)
+        .join(Location, Location.checkpoint_id == Checkpoint.id)
+        .where(Checkpoint.run_id == run.id, Checkpoint.state == "committed", Location.tier == tier)
+    )
+    report.missing = sorted(step for step in held_here if step not in seen)
+    return report
+
+
+def sync_from_storage(session: Session, *, run_name: str, tier: str, root: str) -> SyncReport:
+    records, rejected = read_run_manifests(root)
+    return reconcile(session, run_name=run_name, tier=tier, root=root, records=records, rejected=rejected)

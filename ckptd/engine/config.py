@@ -1,0 +1,212 @@
+"""Configuration of the snapshot engine: one validated dataclass per concern.
+
+``TierConfig`` describes one level of copies (``memory``, ``local`` or ``remote``) with its
+own save frequency and retention; ``ShardSpec`` says which box of a canonical tensor this
+rank holds; ``CheckpointerConfig`` gathers everything ``ckptd.Checkpointer`` takes. All of
+them are checked in ``__post_init__`` so a typo fails at construction, not at step 10,000.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ckptd.format.boxes import ShardBox
+from ckptd.format.codecs import CodecSpec
+from ckptd.format.errors import CheckpointError, LayoutError
+from ckptd.format.layout import TensorLayout
+from ckptd.format.plan import DEFAULT_CHUNK_BYTES
+
+TierKind = Literal["memory", "local", "remote"]
+MetricMode = Literal["min", "max"]
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or value <= 0):
+        raise CheckpointError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Retention:
+    """Which committed checkpoints of a tier survive. The union of the rules is kept; the newest
+    committed checkpoint is always kept. With no rule at all, nothing is ever deleted."""
+
+    keep_last: int | None = None
+    """The N newest checkpoints."""
+    keep_every: int | None = None
+    """Every checkpoint whose step is a multiple of K (long-term history)."""
+    keep_best: int | None = None
+    """The K best checkpoints by ``metric`` (as passed to ``Checkpointer.step(metrics=...)``)."""
+    metric: str | None = None
+    mode: MetricMode = "min"
+    """``min`` for losses, ``max`` for accuracies."""
+
+    def __post_init__(self) -> None:
+        _positive("keep_last", self.keep_last)
+        _positive("keep_every", self.keep_every)
+        _positive("keep_best", self.keep_best)
+        if self.keep_best is not None and not self.metric:
+            raise CheckpointError("keep_best needs the name of a metric (metric=...)")
+        if self.mode not in ("min", "max"):
+            raise CheckpointError(f"mode must be 'min' or 'max', got {self.mode!r}")
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.keep_last is None and self.keep_every is None and self.keep_best is None
+
+
+@dataclass(kw_only=True, slots=True)
+class TierConfig:
+    """One level of copies with its own frequency and retention.
+
+    ``memory`` keeps the newest snapshots in host memory (in-process rollback, no I/O);
+    ``local`` writes Zarr to a local path; ``remote`` to any fsspec URL (S3 first).
+    """
+
+    kind: TierKind
+    uri: str | None = None
+    """Run root (path or URL); required for ``local`` and ``remote``."""
+    every: int | None = None
+    """Save every N steps (None: only on time, on signals and on forced saves)."""
+    every_seconds: float | None = None
+    """Save when this many seconds have passed since this tier's last save."""
+    retention: Retention = field(default_factory=Retention)
+    codec: CodecSpec | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    threads: int = 4
+    """Encode/write threads of this tier's writer (compression and file I/O release the GIL)."""
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("memory", "local", "remote"):
+            raise CheckpointError(f"unknown tier kind {self.kind!r} (memory, local or remote)")
+        if self.kind != "memory" and not self.uri:
+            raise CheckpointError(f"a {self.kind} tier needs a uri")
+        if self.kind == "local" and self.uri and "://" in self.uri and not self.uri.startswith("file://"):
+            raise CheckpointError(f"local tier uri {self.uri!r} is a URL; use a remote tier")
+        if self.kind == "memory" and self.retention.keep_last is None:
+            self.retention = Retention(keep_last=1)  # host memory is bounded: never "keep all"
+        if self.kind == "memory" and (self.retention.keep_every or self.retention.keep_best):
+            raise CheckpointError("the memory tier supports keep_last only")
+        _positive("every", self.every)
+        _positive("every_seconds", self.every_seconds)
+        _positive("chunk_bytes", self.chunk_bytes)
+        _positive("threads", self.threads)
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind == "memory" else f"{self.kind}:{self.uri}"
+
+    @staticmethod
+    def memory(*, every: int | None = None, every_seconds: float | None = None,
+               keep_last: int = 1) -> TierConfig:
+        return TierConfig(kind="memory", every=every, every_seconds=every_seconds,
+                          retention=Retention(keep_last=keep_last))
+
+    @staticmethod
+    def durable(uri: str, **kwargs: Any) -> TierConfig:
+        """A ``local`` tier for paths and ``file://``, a ``remote`` tier for any other URL."""
+        kind: TierKind = "local" if "://" not in uri or uri.startswith("file://") else "remote"
+        return TierConfig(kind=kind, uri=uri, **kwargs)
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardSpec:
+    """The part of a canonical tensor this rank holds (and writes), for distributed states.
+
+    A rank restoring with another mesh passes its *new* specs: it reads exactly its new box.
+    """
+
+    shape: tuple[int, ...]
+    """Global (canonical) shape."""
+    box: ShardBox
+    """This rank's box in global coordinates; the local tensor has ``box.shape``."""
+    layout: TensorLayout | None = None
+    mesh: Mapping[str, int] | None = None
+    write: bool = True
+    """False on the replicas of a replicated box: each box is written by exactly one rank."""
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if not self.box.fits_in(self.shape):
+            raise LayoutError(f"box {self.box.to_json()} lies outside the global shape {list(self.shape)}")
+        if (self.layout is None) != (self.mesh is None):
+            raise LayoutError("layout and mesh go together")
+
+    @staticmethod
+    def of(value: ShardSpec | Sequence[Any]) -> ShardSpec:
+        """Accept a spec or a tuple ``(global_shape, box[, layout, mesh[, write]])``."""
+        if isinstance(value, ShardSpec):
+            return value
+        items = list(value)
+        if len(items) < 2:
+            raise LayoutError(f"a shard spec needs at least (global_shape, box), got {value!r}")
+        return ShardSpec(shape=tuple(items[0]), box=items[1], layout=items[2] if len(items) > 2 else None,
+                         mesh=items[3] if len(items) > 3 else None,
+                         write=bool(items[4]) if len(items) > 4 else True)
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointerConfig:
+    """Everything ``ckptd.Checkpointer`` takes besides the live state."""
+
+    uri: str
+    """Run root of the primary durable tier (a local path or any fsspec URL)."""
+    every: int | None = None
+    every_seconds: float | None = None
+    retention: Retention = field(default_factory=Retention)
+    memory_keep: int = 1
+    """Snapshots kept in host memory for in-process rollback (0: no memory tier)."""
+    tiers: Sequence[TierConfig] = ()
+    """Extra tiers (e.g. a fast local disk beside an S3 run root), each with its own policy."""
+    codec: CodecSpec | str | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    threads: int = 4
+    storage_options: dict[str, Any] | None = None
+    host_budget_bytes: int | None = None
+    """Upper bound of the (pinned) host pool; None: as many snapshot slots as the tiers need."""
+    lazy: bool = True
+    """Copy optimizer-owned tensors in the background and block only in the optimizer pre-step
+    hook; False copies everything before ``step()`` returns."""
+    copy_chunk_bytes: int = 64 * 2**20
+    handle_signals: bool = True
+    exit_on_preempt: bool = True
+    """After the SIGTERM checkpoint is durable, raise ``SystemExit`` from ``step()``."""
+    save_rng: bool = True
+    catalog: str | None = None
+    run_name: str | None = None
+    commit_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise CheckpointError("Checkpointer needs a run root uri")
+        _positive("every", self.every)
+        _positive("every_seconds", self.every_seconds)
+        _positive("chunk_bytes", self.chunk_bytes)
+        _positive("copy_chunk_bytes", self.copy_chunk_bytes)
+        _positive("threads", self.threads)
+        _positive("host_budget_bytes", self.host_budget_bytes)
+        _positive("commit_timeout_s", self.commit_timeout_s)
+        if self.memory_keep < 0:
+            raise CheckpointError(f"memory_keep must be >= 0, got {self.memory_keep}")
+        if isinstance(self.codec, str):
+            self.codec = CodecSpec.parse(self.codec)
+        names = [t.name for t in self.tiers]
+        if len(names) != len(set(names)):
+            raise CheckpointError(f"tiers are listed twice: {names}")
+
+    def all_tiers(self) -> list[TierConfig]:
+        """The tiers in order fastest first: memory, then local, then remote."""
+        codec = self.codec if isinstance(self.codec, CodecSpec) else None
+        tiers = list(self.tiers)
+        primary = TierConfig.durable(self.uri, every=self.every, every_seconds=self.every_seconds,
+                                     retention=self.retention, codec=codec, chunk_bytes=self.chunk_bytes,
+                                     threads=self.threads, storage_options=self.storage_options)
+        if all(t.name != primary.name for t in tiers):
+            tiers.append(primary)
+        if self.memory_keep and all(t.kind != "memory" for t in tiers):
+            tiers.append(TierConfig.memory(every=self.every, every_seconds=self.every_seconds,
+                                           keep_last=self.memory_keep))
+        order = {"memory": 0, "local": 1, "remote": 2}
+        return sorted(tiers, key=lambda t: order[t.kind])

@@ -1,0 +1,203 @@
+"""The levels a snapshot lives on: host memory, and run roots on local disk or object storage.
+
+``MemoryTier`` keeps the newest snapshots in the host pool (instant in-process rollback).
+``StoreTier`` persists a snapshot as a committed checkpoint of the universal format: every
+rank writes its own boxes, rank 0 commits (manifest last) through the coordinator, then
+applies the tier's retention. A failed persist never touches committed checkpoints: the
+partial directory has no manifest, so readers never see it.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ckptd.engine.config import ShardSpec, TierConfig
+from ckptd.engine.coordination import Coordinator
+from ckptd.engine.policy import to_delete
+from ckptd.engine.snapshot import Snapshot
+from ckptd.format.boxes import ShardBox
+from ckptd.format.errors import CheckpointError
+from ckptd.format.manifest import Manifest
+from ckptd.format.run import Run, step_dir
+from ckptd.format.tree import restore as restore_tree
+from ckptd.format.writer import CheckpointWriter, WriterReport
+from ckptd.storage import open_store
+
+ENGINE_KEY = "ckptd.engine"
+"""Manifest metadata written by the engine: metrics and the per-rank RNG states."""
+
+Committed = Callable[[str, Manifest], None]
+
+
+class MemoryTier:
+    """The newest ``keep_last`` snapshots, held in the host pool."""
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.keep = config.retention.keep_last or 1
+        self._snapshots: collections.deque[Snapshot] = collections.deque()
+
+    def add(self, snap: Snapshot) -> None:
+        self._snapshots.append(snap.retain())
+        while len(self._snapshots) > self.keep:
+            self._snapshots.popleft().release()
+
+    def evict_oldest(self) -> bool:
+        """Give a slot back to the pool under memory pressure (this tier is a cache)."""
+        if not self._snapshots:
+            return False
+        self._snapshots.popleft().release()
+        return True
+
+    def steps(self) -> list[int]:
+        return [s.step for s in self._snapshots]
+
+    def get(self, step: int) -> Snapshot | None:
+        return next((s for s in self._snapshots if s.step == step), None)
+
+    def load(self, step: int, state: Any) -> Snapshot:
+        snap = self.get(step)
+        if snap is None:
+            raise CheckpointError(f"step {step} is not held in host memory")
+        snap.wait_copied()
+
+        def read(path: str, dest: torch.Tensor | None) -> torch.Tensor:
+            src = snap.host[path]
+            if dest is None:
+                return src.clone()
+            with torch.no_grad():
+                dest.copy_(src)
+            return dest
+
+        restore_tree(state, snap.skeleton, read)
+        return snap
+
+    def close(self) -> None:
+        while self._snapshots:
+            self._snapshots.popleft().release()
+
+
+class StoreTier:
+    """A run root (local path or fsspec URL) with the tier's retention."""
+
+    def __init__(self, config: TierConfig, coordinator: Coordinator, *,
+                 on_commit: Committed | None = None) -> None:
+        assert config.uri is not None
+        self.config = config
+        self.name = config.name
+        self.coordinator = coordinator
+        self.run = Run(open_store(config.uri, config.storage_options))
+        self.on_commit = on_commit
+        self._metrics: dict[int, dict[str, float]] = {}
+        self.committed: list[int] = []
+        """Steps this process committed (or saw committed by its job), in order."""
+
+    # ---------------------------------------------------------------- save
+    def persist(self, snap: Snapshot, key: str) -> None:
+        """Write ``snap`` as checkpoint ``snap.step`` (collective over the job's ranks)."""
+        snap.wait_copied()
+        if self.run.is_committed(snap.step):
+            return  # the same step is already durable here (a forced save after a periodic one)
+        rank, world = self.coordinator.rank, self.coordinator.world_size
+        try:
+            self.coordinator.commit(
+                key,
+                prepare=lambda: self._prepare(snap.step),
+                write=lambda: self._write(snap, rank, world),
+                finalize=lambda reports, extras: self._finalize(snap, reports, extras),
+                extra=snap.rank_state,
+            )
+        except BaseException as e:
+            if rank == 0:
+                self._discard(snap.step)
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{self.name}: checkpoint of step {snap.step} failed: {e}") from e
+
+    def _prepare(self, step: int) -> None:
+        self.run.prepare(step, overwrite=False)
+
+    def _write(self, snap: Snapshot, rank: int, world: int) -> WriterReport:
+        cfg = self.config
+        writer = CheckpointWriter(self.run.checkpoint_store(snap.step), rank=rank, codec=cfg.codec,
+                                  chunk_bytes=cfg.chunk_bytes, threads=cfg.threads)
+        for path in snap.paths:
+            spec = snap.specs.get(path)
+            tensor = snap.host[path]
+            if spec is None:
+                if rank == 0:  # a tensor without a layout is replicated: the lowest rank writes it
+                    writer.add(path, tensor)
+            elif spec.write:
+                writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh)
+        return writer.finish()
+
+    def _finalize(self, snap: Snapshot, reports: list[WriterReport], extras: dict[int, Any]) -> None:
+        mesh: dict[str, int] = {}
+        for spec in snap.specs.values():
+            if spec.mesh:
+                mesh.update({str(k): int(v) for k, v in spec.mesh.items()})
+        metadata = {ENGINE_KEY: {"metrics": snap.metrics, "tier": self.config.kind,
+                                 "rank_state": {str(r): e for r, e in extras.items() if e is not None}}}
+        manifest = self.run.commit(snap.step, reports, state=snap.skeleton,
+                                   world_size=self.coordinator.world_size, mesh=mesh, metadata=metadata)
+        self._metrics[snap.step] = dict(snap.metrics)
+        self.committed.append(snap.step)
+        del self.committed[:-64]
+        self.apply_retention()
+        if self.on_commit is not None:
+            self.on_commit(self.name, manifest)
+
+    def _discard(self, step: int) -> None:
+        """Best effort: free the space a failed attempt took (a full disk needs it back)."""
+        try:
+            if not self.run.is_committed(step):
+                self.run.store.delete_prefix(step_dir(step))
+        except Exception:  # the original failure is what the user must see
+            pass
+
+    # ---------------------------------------------------------------- retention
+    def _metrics_of(self, step: int) -> dict[str, float]:
+        if step not in self._metrics:
+            try:
+                meta = self.run.manifest(step).metadata.get(ENGINE_KEY, {})
+                found = meta.get("metrics", {}) if isinstance(meta, dict) else {}
+                self._metrics[step] = {k: v for k, v in found.items() if isinstance(v, int | float)}
+            except CheckpointError:
+                self._metrics[step] = {}
+        return self._metrics[step]
+
+    def apply_retention(self) -> list[int]:
+        """Delete what the tier's retention lets go (rank 0 only; newest is always kept)."""
+        rule = self.config.retention
+        if rule.keeps_everything or self.coordinator.rank != 0:
+            return []
+        steps = self.run.steps()
+        metrics = {s: self._metrics_of(s) for s in steps} if rule.keep_best else {}
+        doomed = to_delete(steps, rule, metrics)
+        for s in doomed:
+            self.run.delete(s)
+            self._metrics.pop(s, None)
+        return doomed
+
+    # ---------------------------------------------------------------- restore
+    def steps(self) -> list[int]:
+        return self.run.steps()
+
+    def load(self, step: int, state: Any, specs: Mapping[str, ShardSpec]) -> Manifest:
+        """Read checkpoint ``step`` into ``state``: each tensor with a spec reads only its box."""
+        reader = self.run.reader(step)
+
+        def read(path: str, dest: torch.Tensor | None) -> torch.Tensor:
+            spec = specs.get(path)
+            box = spec.box if spec is not None else None
+            if box is not None and box == ShardBox.whole(spec.shape if spec else ()):
+                box = None
+            return reader.read(path, box=box, out=dest)
+
+        restore_tree(state, reader.manifest.state, read)
+        return reader.manifest

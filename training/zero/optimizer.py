@@ -1,0 +1,176 @@
+"""AdamW with fp32 master weights, sharded over data parallelism (ZeRO stages 0-3).
+
+State per canonical piece of every parameter (see :class:`ParamShards`), always fp32:
+``master``, ``exp_avg``, ``exp_avg_sq`` and the reduced gradient ``grad``. What differs by stage:
+
+====== ============================== ================================= ========================
+stage  optimizer state                gradients                          compute parameters
+====== ============================== ================================= ========================
+0      full on every dp rank          all-reduced at step                full on every rank
+1      this rank's rows               reduce-scattered at step           full, all-gathered
+2      this rank's rows               reduce-scattered during backward   full, all-gathered
+3      this rank's rows               reduce-scattered in backward       this rank's rows only
+====== ============================== ================================= ========================
+
+Gradient norm for clipping: each rank sums the squares of the gradient rows it owns,
+skipping copies (tp-replicated tensors count on tp rank 0, replicated stage-0 state on dp
+rank 0, the last stage's tied-embedding copy never), and one all-reduce over the world adds
+them up — correct across dp, tp and pp at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ckptd.training.config import OptimConfig
+from ckptd.training.mesh import ParallelContext, all_gather_rows, all_reduce, reduce_scatter_rows
+from ckptd.training.params import ParamMeta
+from ckptd.training.zero.shard import ParamShards
+from ckptd.training.zero.stage3 import ShardedParam, shard_module
+
+
+@dataclass(slots=True, eq=False)
+class ParamState:
+    """Optimizer state of one internal parameter: lists hold one tensor per canonical piece."""
+
+    meta: ParamMeta
+    shards: ParamShards
+    param: nn.Parameter
+    """What the model computes with: the full local tensor (stages 0-2) or this rank's shard (3)."""
+    master: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    grad: list[torch.Tensor] = field(default_factory=list)
+
+    def add_grad(self, pieces: list[torch.Tensor]) -> None:
+        for acc, g in zip(self.grad, pieces, strict=True):
+            acc.add_(g)
+
+
+class ZeroAdamW:
+    """The optimizer of one stage module on one rank."""
+
+    def __init__(
+        self, module: nn.Module, metas: dict[str, ParamMeta], ctx: ParallelContext, cfg: OptimConfig, *,
+        zero_stage: int,
+    ) -> None:
+        self.ctx, self.cfg, self.zero_stage = ctx, cfg, zero_stage
+        self.step_count = 0
+        parts, index = (ctx.dp, ctx.dp_rank) if zero_stage >= 1 else (1, 0)
+        self.states: dict[str, ParamState] = {}
+        params = dict(module.named_parameters())
+        for name, meta in metas.items():
+            shards = ParamShards.of(meta, tp=ctx.tp, parts=parts, index=index)
+            zeros = [torch.zeros(s, dtype=torch.float32, device=ctx.device) for s in shards.own_shapes()]
+            self.states[name] = ParamState(
+                meta=meta, shards=shards, param=params[name], master=zeros,
+                exp_avg=[z.clone() for z in zeros], exp_avg_sq=[z.clone() for z in zeros],
+                grad=[z.clone() for z in zeros],
+            )
+        self._handles: list[RemovableHandle] = []
+        if zero_stage == 2:
+            for st in self.states.values():
+                self._handles.append(st.param.register_post_accumulate_grad_hook(self._stage2_hook(st)))
+        elif zero_stage == 3:
+            sharded, self._handles = shard_module(module, self._make_sharded)
+            for name, sp in sharded.items():
+                self.states[name].param = sp.shard
+
+    def _make_sharded(self, name: str, param: nn.Parameter) -> ShardedParam:
+        st = self.states[name]
+        return ShardedParam(param, st.shards, self.ctx.dp_group, st.add_grad)
+
+    def _stage2_hook(self, st: ParamState) -> torch.Callable[[torch.Tensor], None]:  # type: ignore[name-defined]
+        def hook(p: torch.Tensor) -> None:
+            # Runs once per backward (per micro-batch), after this parameter's gradient is complete.
+            assert p.grad is not None
+            self._reduce_scatter_into(st, p.grad)
+            p.grad = None
+
+        return hook
+
+    def _reduce_scatter_into(self, st: ParamState, full_grad: torch.Tensor) -> None:
+        mine = reduce_scatter_rows(st.shards.pack_all(full_grad.float()), self.ctx.dp_group)
+        st.add_grad([g / self.ctx.dp for g in st.shards.unpad_own(mine)])
+
+    def zero_grad(self) -> None:
+        for st in self.states.values():
+            st.param.grad = None
+            for g in st.grad:
+                g.zero_()
+
+    def _collect_grads(self) -> None:
+        """Stages 0 and 1: turn the full local ``.grad`` into reduced fp32 gradient pieces."""
+        for st in self.states.values():
+            g = st.param.grad
+            if g is None:
+                continue  # a parameter this micro-batch set did not reach (none in the GPT)
+            if self.zero_stage == 0:
+                full = all_reduce(g.float(), self.ctx.dp_group) / self.ctx.dp
+                st.add_grad(st.shards.take(full))
+            else:
+                self._reduce_scatter_into(st, g)
+            st.param.grad = None
+
+    def _sum_tied(self) -> None:
+        """Both copies of a tied embedding get the sum of their gradients, so they stay identical."""
+        if self.ctx.embed_group is None:
+            return
+        for st in self.states.values():
+            if st.meta.pieces[0].name == "tok_embed.weight":
+                for g in st.grad:
+                    all_reduce(g, self.ctx.embed_group)
+
+    def grad_norm(self) -> float:
+        ctx = self.ctx
+        total = torch.zeros((), dtype=torch.float32, device=ctx.device)
+        for st in self.states.values():
+            if st.meta.tied_copy or (st.meta.tp_replicated and ctx.tp_rank != 0):
+                continue
+            if self.zero_stage == 0 and ctx.dp_rank != 0:
+                continue
+            for g in st.grad:
+                total += g.pow(2).sum()
+        return math.sqrt(float(all_reduce(total, ctx.world_group)))
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Reduce gradients, clip, update the fp32 masters, refresh the compute weights. Returns the norm."""
+        if self.zero_stage <= 1:
+            self._collect_grads()
+        self._sum_tied()
+        norm = self.grad_norm()
+        clip = 1.0
+        if self.cfg.grad_clip is not None and norm > self.cfg.grad_clip:
+            clip = self.cfg.grad_clip / (norm + 1e-6)
+        self.step_count += 1
+        t, (b1, b2) = self.step_count, self.cfg.betas
+        lr = self.cfg.lr_at(t)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        for st in self.states.values():
+            for w, m, v, g in zip(st.master, st.exp_avg, st.exp_avg_sq, st.grad, strict=True):
+                if clip != 1.0:
+                    g.mul_(clip)
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                if st.meta.decay and self.cfg.weight_decay:
+                    w.mul_(1 - lr * self.cfg.weight_decay)
+                w.addcdiv_(m, (v.sqrt() / math.sqrt(bc2)).add_(self.cfg.eps), value=-lr / bc1)
+        self.refresh_params()
+        return norm
+
+    @torch.no_grad()
+    def refresh_params(self) -> None:
+        """Copy the fp32 masters into the (possibly bf16) compute parameters of this layout."""
+        for st in self.states.values():
+            dtype = st.param.dtype
+            if self.zero_stage == 3 or self.zero_stage == 0:
+                st.param.data.copy_(torch.cat(st.master) if len(st.master) > 1 else st.master[0])
+            else:
+                packed = st.shards.pad_own([w.to(dtype) for w in st.master])
+                st.param.data.copy_(st.shards.unpack_all(all_gather_rows(packed, self.ctx.dp_group)))
