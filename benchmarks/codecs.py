@@ -24,19 +24,31 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from ckptd.format.codecs import CodecSpec
+from machine import describe
 
-import ckptd  # noqa: E402
-from ckptd.format.codecs import CodecSpec  # noqa: E402
+import ckptd
 
-CODECS = ["none", "zstd:1", "zstd:3", "blosc-lz4:1:byte", "blosc-zstd:1:byte", "blosc-zstd:3:byte", "blosc-zstd:1:bit"]
+CODECS = [
+    "none",
+    "zstd:1",
+    "zstd:3",
+    "blosc-lz4:1:byte",
+    "blosc-zstd:1:byte",
+    "blosc-zstd:3:byte",
+    "blosc-zstd:1:bit",
+]
 
 
 def trained_state(width: int, layers: int, steps: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[m for _ in range(layers) for m in (torch.nn.Linear(width, 4 * width),
-                                                                     torch.nn.GELU(),
-                                                                     torch.nn.Linear(4 * width, width))])
+    model = torch.nn.Sequential(
+        *[
+            m
+            for _ in range(layers)
+            for m in (torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
+        ]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     target = torch.nn.Linear(width, width)
     for _ in range(steps):
@@ -99,10 +111,15 @@ def main() -> None:
                 for blob, n in blobs:
                     spec.decode(blob, n, "bench")
                 dec_t.append(time.perf_counter() - t0)
-            row = {"bench": "codec", "codec": codec_name, "data": kind, "raw_bytes": raw,
-                   "ratio": round(stored / raw, 4),
-                   "encode_MBps": round(raw / statistics.median(enc_t) / 1e6, 1),
-                   "decode_MBps": round(raw / statistics.median(dec_t) / 1e6, 1)}
+            row = {
+                "bench": "codec",
+                "codec": codec_name,
+                "data": kind,
+                "raw_bytes": raw,
+                "ratio": round(stored / raw, 4),
+                "encode_MBps": round(raw / statistics.median(enc_t) / 1e6, 1),
+                "decode_MBps": round(raw / statistics.median(dec_t) / 1e6, 1),
+            }
             print(json.dumps(row), flush=True)
             results.append(row)
     # End to end: ckptd.save of the whole state with each codec vs a raw fsync'd write, same run.
@@ -117,10 +134,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ckptd.save(state, os.path.join(d, "run"), step=r, codec=codec_name, overwrite=True)
                 save_s.append(time.perf_counter() - t0)
-            row = {"bench": "codec_save_local", "codec": codec_name, "bytes": total,
-                   "raw_fsync_MBps": round(total / statistics.median(raw_s) / 1e6, 1),
-                   "save_MBps": round(total / statistics.median(save_s) / 1e6, 1),
-                   "save_vs_raw": round(statistics.median(raw_s) / statistics.median(save_s), 3)}
+            row = {
+                "bench": "codec_save_local",
+                "codec": codec_name,
+                "bytes": total,
+                "raw_fsync_MBps": round(total / statistics.median(raw_s) / 1e6, 1),
+                "save_MBps": round(total / statistics.median(save_s) / 1e6, 1),
+                "save_vs_raw": round(statistics.median(raw_s) / statistics.median(save_s), 3),
+            }
             print(json.dumps(row), flush=True)
             results.append(row)
     out = args.out or f"benchmarks/results/codecs-{describe()['hostname']}.json"

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
-from w1_state import nbytes, w1_state  # noqa: E402
+from machine import describe
+from w1_state import nbytes, w1_state
 
-import ckptd  # noqa: E402
+import ckptd
 
 
 def flat_bytes(state: dict[str, dict[str, torch.Tensor]]) -> list[memoryview]:
@@ -73,9 +73,18 @@ def local_bench(state: dict[str, dict[str, torch.Tensor]], repeats: int, root: s
 
     total = nbytes(state)
     bufs = flat_bytes(state)
-    times: dict[str, list[float]] = {k: [] for k in
-                                     ("raw_fsync_write", "ckptd_save", "torch_save", "dcp_save",
-                                      "ckptd_load", "torch_load", "dcp_load")}
+    times: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "raw_fsync_write",
+            "ckptd_save",
+            "torch_save",
+            "dcp_save",
+            "ckptd_load",
+            "torch_load",
+            "dcp_load",
+        )
+    }
     for r in range(repeats):
         d = Path(root) / f"r{r}"
         d.mkdir()
@@ -96,9 +105,17 @@ def local_bench(state: dict[str, dict[str, torch.Tensor]], repeats: int, root: s
     rows = []
     for k, v in times.items():
         med = statistics.median(v)
-        rows.append({"bench": "w1_local", "what": k, "bytes": total, "median_s": round(med, 4),
-                     "GBps": round(total / med / 1e9, 3), "throughput_vs_raw_write": round(base / med, 3),
-                     "runs_s": [round(x, 4) for x in v]})
+        rows.append(
+            {
+                "bench": "w1_local",
+                "what": k,
+                "bytes": total,
+                "median_s": round(med, 4),
+                "GBps": round(total / med / 1e9, 3),
+                "throughput_vs_raw_write": round(base / med, 3),
+                "runs_s": [round(x, 4) for x in v],
+            }
+        )
     return rows
 
 
@@ -108,8 +125,11 @@ def s3_bench(state: dict[str, dict[str, torch.Tensor]], repeats: int) -> list[di
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(k, v)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -121,10 +141,17 @@ def s3_bench(state: dict[str, dict[str, torch.Tensor]], repeats: int) -> list[di
     total = nbytes(state)
     blob = b"".join(bytes(b) for b in flat_bytes(state))
     # A fair plain-s3fs baseline writes the same tensors as separate objects, concurrently (pipe of a dict).
-    objects = {f"bench/plain/{g}/{k}": bytes(memoryview(t.contiguous().view(torch.uint8).numpy()))
-               for g, grp in state.items() for k, t in grp.items()}
-    times: dict[str, list[float]] = {"s3fs_put_one_object": [], "s3fs_put_per_tensor": [], "ckptd_save": [],
-                                     "ckptd_load": []}
+    objects = {
+        f"bench/plain/{g}/{k}": bytes(memoryview(t.contiguous().view(torch.uint8).numpy()))
+        for g, grp in state.items()
+        for k, t in grp.items()
+    }
+    times: dict[str, list[float]] = {
+        "s3fs_put_one_object": [],
+        "s3fs_put_per_tensor": [],
+        "ckptd_save": [],
+        "ckptd_load": [],
+    }
     try:
         for r in range(repeats):
             times["s3fs_put_one_object"].append(timed(lambda: fs.pipe_file("bench/raw.bin", blob)))
@@ -138,10 +165,18 @@ def s3_bench(state: dict[str, dict[str, torch.Tensor]], repeats: int) -> list[di
     finally:
         server.stop()
     base = statistics.median(times["s3fs_put_one_object"])
-    return [{"bench": "w1_s3_moto", "what": k, "bytes": total, "median_s": round(statistics.median(v), 4),
-             "GBps": round(total / statistics.median(v) / 1e9, 3),
-             "throughput_vs_s3fs_put": round(base / statistics.median(v), 3),
-             "runs_s": [round(x, 4) for x in v]} for k, v in times.items()]
+    return [
+        {
+            "bench": "w1_s3_moto",
+            "what": k,
+            "bytes": total,
+            "median_s": round(statistics.median(v), 4),
+            "GBps": round(total / statistics.median(v) / 1e9, 3),
+            "throughput_vs_s3fs_put": round(base / statistics.median(v), 3),
+            "runs_s": [round(x, 4) for x in v],
+        }
+        for k, v in times.items()
+    ]
 
 
 def main() -> None:

@@ -16,12 +16,20 @@ def w1_state(scale: float = 1.0, seed: int = 0) -> dict[str, dict[str, torch.Ten
     for i in range(layers):
         p = f"h.{i}."
         shapes |= {
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.q.weight": (d, d), p + "attn.k.weight": (d, d), p + "attn.v.weight": (d, d),
-            p + "attn.qkv.bias": (3 * d,), p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.fc.weight": (4 * d, d), p + "mlp.fc.bias": (4 * d,),
-            p + "mlp.proj.weight": (d, 4 * d), p + "mlp.proj.bias": (d,),
+            p + "ln_1.weight": (d,),
+            p + "ln_1.bias": (d,),
+            p + "attn.q.weight": (d, d),
+            p + "attn.k.weight": (d, d),
+            p + "attn.v.weight": (d, d),
+            p + "attn.qkv.bias": (3 * d,),
+            p + "attn.proj.weight": (d, d),
+            p + "attn.proj.bias": (d,),
+            p + "ln_2.weight": (d,),
+            p + "ln_2.bias": (d,),
+            p + "mlp.fc.weight": (4 * d, d),
+            p + "mlp.fc.bias": (4 * d,),
+            p + "mlp.proj.weight": (d, 4 * d),
+            p + "mlp.proj.bias": (d,),
         }
     shapes |= {"ln_f.weight": (d,), "ln_f.bias": (d,)}
 

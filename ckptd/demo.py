@@ -23,7 +23,8 @@ def run() -> int:
     root = Path("demo-run").absolute()
     shutil.rmtree(root, ignore_errors=True)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    first = torch.nn.Linear(256, 1024)
+    model = torch.nn.Sequential(first, torch.nn.GELU(), torch.nn.Linear(1024, 256))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(1, 31):
         x = torch.randn(32, 256)
@@ -32,8 +33,13 @@ def run() -> int:
         loss.backward()
         opt.step()
         if step % 10 == 0:
-            state = {"model": model, "optim": opt, "step": step, "loss": float(loss),
-                     "bf16_copy": model[0].weight.detach().bfloat16()}
+            state = {
+                "model": model,
+                "optim": opt,
+                "step": step,
+                "loss": float(loss),
+                "bf16_copy": first.weight.detach().bfloat16(),
+            }
             ckptd.save(state, str(root), step=step, metadata={"metrics": {"loss": float(loss)}})
             print(f"step {step}: loss {float(loss):.4f} -> saved checkpoint")
 
@@ -50,8 +56,10 @@ def run() -> int:
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     target = {"model": fresh, "optim": fresh_opt}
     step = ckptd.load(target, str(root), step=20)
-    print(f"loaded step {step}: step counter {target['step']}, loss {target['loss']:.4f}, "
-          f"optimizer state for {len(fresh_opt.state)} parameters")
+    print(
+        f"loaded step {step}: step counter {target['step']}, loss {target['loss']:.4f}, "
+        f"optimizer state for {len(fresh_opt.state)} parameters"
+    )
     latest = {"model": fresh}
     ckptd.load(latest, str(root))
     same = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))

@@ -134,7 +134,10 @@ def common_grid(shape: Sequence[int], boxes: Sequence[ShardBox]) -> tuple[int, .
 
 
 def check_tiling(shape: Sequence[int], boxes: Sequence[ShardBox]) -> None:
-    """Raise :class:`LayoutError` unless ``boxes`` exactly tile an array of ``shape`` (no gaps, no overlap)."""
+    """Raise :class:`LayoutError` unless ``boxes`` exactly tile an array of ``shape``.
+
+    Exactly: no gaps and no overlaps.
+    """
     total = math.prod(shape)
     covered = 0
     nonempty = [b for b in boxes if not b.is_empty()]

@@ -15,14 +15,16 @@ from typing import Any, Literal
 
 import crc32c as _crc32c
 import numcodecs
-
 from ckptd.format.errors import IntegrityError, MetadataError
 
 Compressor = Literal["none", "zstd", "blosc-zstd", "blosc-lz4"]
 Shuffle = Literal["none", "byte", "bit"]
 _BLOSC_SHUFFLE = {"none": "noshuffle", "byte": "shuffle", "bit": "bitshuffle"}
-_NUMCODECS_SHUFFLE = {"none": numcodecs.Blosc.NOSHUFFLE, "byte": numcodecs.Blosc.SHUFFLE,
-                      "bit": numcodecs.Blosc.BITSHUFFLE}
+_NUMCODECS_SHUFFLE = {
+    "none": numcodecs.Blosc.NOSHUFFLE,
+    "byte": numcodecs.Blosc.SHUFFLE,
+    "bit": numcodecs.Blosc.BITSHUFFLE,
+}
 CRC_BYTES = 4
 
 
@@ -86,16 +88,18 @@ class CodecSpec:
         if self.compressor == "zstd":
             chain.append({"name": "zstd", "configuration": {"level": self.level, "checksum": False}})
         elif self.compressor.startswith("blosc-"):
-            chain.append({
-                "name": "blosc",
-                "configuration": {
-                    "cname": self.compressor.removeprefix("blosc-"),
-                    "clevel": self.level,
-                    "shuffle": _BLOSC_SHUFFLE[self.shuffle],
-                    "typesize": itemsize,
-                    "blocksize": 0,
-                },
-            })
+            chain.append(
+                {
+                    "name": "blosc",
+                    "configuration": {
+                        "cname": self.compressor.removeprefix("blosc-"),
+                        "clevel": self.level,
+                        "shuffle": _BLOSC_SHUFFLE[self.shuffle],
+                        "typesize": itemsize,
+                        "blocksize": 0,
+                    },
+                }
+            )
         chain.append({"name": "crc32c"})
         return chain
 
@@ -128,7 +132,9 @@ class CodecSpec:
             raise IntegrityError(f"{where}: chunk is truncated ({len(mv)} bytes)")
         body, stored = mv[:-CRC_BYTES], struct.unpack("<I", mv[-CRC_BYTES:])[0]
         if crc32c(body) != stored:
-            raise IntegrityError(f"{where}: crc32c mismatch (stored {stored:#010x}, computed {crc32c(body):#010x})")
+            raise IntegrityError(
+                f"{where}: crc32c mismatch (stored {stored:#010x}, computed {crc32c(body):#010x})"
+            )
         codec = self._numcodec(1)
         if codec is None:
             out = body

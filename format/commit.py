@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping, check_tiling
@@ -41,7 +41,12 @@ def merge_reports(reports: Sequence[WriterReport]) -> dict[str, ArrayRecord]:
                 have = m.parts.get(i)
                 if have is None:
                     m.parts[i] = p
-                elif (have.offset, have.shape, have.grid, have.chunks) != (p.offset, p.shape, p.grid, p.chunks):
+                elif (have.offset, have.shape, have.grid, have.chunks) != (
+                    p.offset,
+                    p.shape,
+                    p.grid,
+                    p.chunks,
+                ):
                     raise LayoutError(f"{path}: writers planned part {i} differently")
                 else:
                     m.parts[i] = PartRecord(p.offset, p.shape, p.grid, p.chunks, (*have.shards, *p.shards))
@@ -70,15 +75,19 @@ def check_complete(a: ArrayRecord) -> None:
                 raise LayoutError(f"{a.path}: piece {i} has {len(p.shards)} shards, expected 1")
         return
     (part,) = a.parts
-    expected = {c for c in cells_overlapping(ShardBox.whole(a.shape), part.grid)
-                if not cell_box(c, part.grid, a.shape).is_empty()}
+    expected = {
+        c
+        for c in cells_overlapping(ShardBox.whole(a.shape), part.grid)
+        if not cell_box(c, part.grid, a.shape).is_empty()
+    }
     got = [s.coords for s in part.shards]
     if len(got) != len(set(got)):
         raise LayoutError(f"{a.path}: a shard was written by more than one writer")
     missing = expected - set(got)
     if missing:
         raise LayoutError(
-            f"{a.path}: {len(missing)} of {len(expected)} shards were not written (e.g. {sorted(missing)[0]}); "
+            f"{a.path}: {len(missing)} of {len(expected)} shards were not written "
+            f"(e.g. {sorted(missing)[0]}); "
             "a writer is missing from the commit"
         )
 

@@ -148,7 +148,9 @@ class TensorLayout:
         try:
             fused = doc.get("fused")
             return TensorLayout(
-                partition=tuple(tuple(str(a) for a in _list(axes)) for axes in _list(doc.get("partition", []))),
+                partition=tuple(
+                    tuple(str(a) for a in _list(axes)) for axes in _list(doc.get("partition", []))
+                ),
                 replicated=tuple(str(a) for a in _list(doc.get("replicated", []))),
                 padded=tuple((int(p[0]), int(p[1])) for p in _list(doc.get("padded", []))),
                 fused=None

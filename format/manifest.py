@@ -171,7 +171,8 @@ def parse(doc: Any) -> Manifest:
     version = _int(d.get("format_version"), "format_version", lo=1)
     if version > FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"checkpoint format version {version} is newer than this ckptd supports ({FORMAT_VERSION}); upgrade ckptd"
+            f"checkpoint format version {version} is newer than this ckptd supports "
+            f"({FORMAT_VERSION}); upgrade ckptd"
         )
     arrays_doc = _obj(d.get("arrays"), "arrays")
     arrays = {check_array_path(p): _array(p, a) for p, a in arrays_doc.items()}
@@ -195,7 +196,9 @@ def _array(path: str, doc: Any) -> ArrayRecord:
     a = _obj(doc, f"array {path}")
     dtype = logical_dtype(_str(a.get("dtype"), f"{path}.dtype"))
     if a.get("storage_dtype", dtype.storage) != dtype.storage:
-        raise MetadataError(f"array {path}: storage dtype {a.get('storage_dtype')!r} does not store {dtype.name}")
+        raise MetadataError(
+            f"array {path}: storage dtype {a.get('storage_dtype')!r} does not store {dtype.name}"
+        )
     shape = _shape(a.get("shape"), f"{path}.shape")
     kind = a.get("kind")
     if kind not in ("regular", "pieces", "scalar"):
@@ -208,7 +211,9 @@ def _array(path: str, doc: Any) -> ArrayRecord:
         raise MetadataError(f"array {path}: a {kind} array has exactly one part, got {len(parts)}")
     for p in parts:
         if kind != "pieces" and (any(p.offset) or p.shape != shape):
-            raise MetadataError(f"array {path}: part shape {list(p.shape)} disagrees with array shape {list(shape)}")
+            raise MetadataError(
+                f"array {path}: part shape {list(p.shape)} disagrees with array shape {list(shape)}"
+            )
         if any(o + s > dim for o, s, dim in zip(p.offset, p.shape, shape, strict=True)):
             raise MetadataError(f"array {path}: part at {list(p.offset)} lies outside shape {list(shape)}")
     return ArrayRecord(
@@ -229,7 +234,9 @@ def _part(path: str, shape: tuple[int, ...], doc: Any) -> PartRecord:
     grid = _shape(p.get("grid"), f"{path}.grid", lo=1)
     chunks = _shape(p.get("chunks"), f"{path}.chunks", lo=1)
     if not (len(offset) == len(pshape) == len(grid) == len(chunks) == len(shape)):
-        raise MetadataError(f"array {path}: offset/shape/grid/chunks disagree in rank with shape {list(shape)}")
+        raise MetadataError(
+            f"array {path}: offset/shape/grid/chunks disagree in rank with shape {list(shape)}"
+        )
     if any(g % c for g, c in zip(grid, chunks, strict=True)):
         raise MetadataError(f"array {path}: inner chunks {list(chunks)} do not divide shards {list(grid)}")
     if math.prod(g // c for g, c in zip(grid, chunks, strict=True)) > 2**24:
@@ -243,12 +250,20 @@ def _part(path: str, shape: tuple[int, ...], doc: Any) -> PartRecord:
             raise MetadataError(f"array {path}: shard record {rec!r} must have 4 fields")
         coords = tuple(_int(c, f"{path} shard coordinate", lo=0) for c in _list(rec[0], f"{path} coords"))
         if len(coords) != len(shape) or any(c >= n for c, n in zip(coords, ncells, strict=True)):
-            raise MetadataError(f"array {path}: shard coordinates {list(coords)} outside the grid {list(ncells)}")
+            raise MetadataError(
+                f"array {path}: shard coordinates {list(coords)} outside the grid {list(ncells)}"
+            )
         if coords in seen:
             raise MetadataError(f"array {path}: shard {list(coords)} listed twice")
         seen.add(coords)
-        shards.append(ShardRecord(coords, _int(rec[1], "writer", lo=0), _int(rec[2], "nbytes", lo=0),
-                                  _int(rec[3], "index_crc32c", lo=0, hi=2**32 - 1)))
+        shards.append(
+            ShardRecord(
+                coords,
+                _int(rec[1], "writer", lo=0),
+                _int(rec[2], "nbytes", lo=0),
+                _int(rec[3], "index_crc32c", lo=0, hi=2**32 - 1),
+            )
+        )
     return PartRecord(offset, pshape, grid, chunks, tuple(shards))
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import crc32c
 from ckptd.format.dtypes import numpy_to_tensor, of_tensor, tensor_to_numpy
@@ -91,7 +90,9 @@ class CheckpointReader:
             want = box.intersect(pbox)
             if want is None:
                 continue
-            local_want = ShardBox(tuple(o - po for o, po in zip(want.offset, part.offset, strict=True)), want.shape)
+            local_want = ShardBox(
+                tuple(o - po for o, po in zip(want.offset, part.offset, strict=True)), want.shape
+            )
             by_coords = {s.coords: s for s in part.shards}
             for coords in cells_overlapping(local_want, part.grid):
                 rec = by_coords.get(coords)
@@ -137,7 +138,7 @@ class CheckpointReader:
             present = [(c, r) for c, r in ranges if r is not None]
             if whole is not None:
                 wv = memoryview(whole)
-                blobs = [wv[r[0]:r[1]] for _, r in present]
+                blobs = [wv[r[0] : r[1]] for _, r in present]
             else:
                 blobs = self._get_ranges(key, rec, [r for _, r in present])
             absent = [c for c, r in ranges if r is None]
@@ -155,8 +156,10 @@ class CheckpointReader:
                 overlap = cb.intersect(local_want)
                 if overlap is None:
                     continue
-                src = tuple(slice(o - co, o - co + s) for o, co, s in zip(overlap.offset, cb.offset, overlap.shape,
-                                                                          strict=True))
+                src = tuple(
+                    slice(o - co, o - co + s)
+                    for o, co, s in zip(overlap.offset, cb.offset, overlap.shape, strict=True)
+                )
                 dest[_dest_slices(overlap, part, box)] = chunk[src]
 
         return run
@@ -180,11 +183,13 @@ class CheckpointReader:
         out: list[bytes] = [b""] * len(ranges)
         for (start, stop, members), blob in zip(merged, fetched, strict=True):
             if len(blob) != stop - start:
-                raise IntegrityError(f"shard {key} is truncated (wanted bytes {start}..{stop}, got {len(blob)})")
+                raise IntegrityError(
+                    f"shard {key} is truncated (wanted bytes {start}..{stop}, got {len(blob)})"
+                )
             mv = memoryview(blob)
             for i in members:
                 s, e = ranges[i]
-                out[i] = mv[s - start:e - start]  # type: ignore[assignment]
+                out[i] = mv[s - start : e - start]  # type: ignore[assignment]
         return out
 
     def restore(self, state: Any) -> Any:

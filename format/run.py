@@ -115,11 +115,21 @@ class Run:
         mesh: Mapping[str, int] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Manifest:
-        return commit(self.checkpoint_store(step), step=step, reports=reports, state=state,
-                      world_size=world_size, mesh=mesh, metadata=metadata)
+        return commit(
+            self.checkpoint_store(step),
+            step=step,
+            reports=reports,
+            state=state,
+            world_size=world_size,
+            mesh=mesh,
+            metadata=metadata,
+        )
 
     def delete(self, step: int) -> None:
-        """Uncommit (manifest first, so a crash never leaves a committed but partial checkpoint), then delete."""
+        """Uncommit, then delete.
+
+        The manifest goes first, so a crash never leaves a committed but partial checkpoint.
+        """
         d = step_dir(step)
         self.store.delete(f"{d}/{MANIFEST_KEY}")
         self.store.delete_prefix(d)

@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from ckptd.format.boxes import ShardBox, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.errors import IntegrityError
@@ -54,7 +53,9 @@ class ShardGeometry:
     def chunk_box(self, local: Sequence[int]) -> ShardBox:
         """Global box of inner chunk ``local`` clipped to the array (may be empty beyond the edge)."""
         off = tuple(o + i * c for o, i, c in zip(self.origin, local, self.chunk, strict=True))
-        shape = tuple(max(0, min(c, s - o)) for o, c, s in zip(off, self.chunk, self.array_shape, strict=True))
+        shape = tuple(
+            max(0, min(c, s - o)) for o, c, s in zip(off, self.chunk, self.array_shape, strict=True)
+        )
         return ShardBox(off, shape)
 
     def flat_index(self, local: Sequence[int]) -> int:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
 from ckptd.format.errors import LayoutError, MetadataError
 from ckptd.format.names import check_array_path, encode_key
 
@@ -40,8 +39,13 @@ def flatten(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.T
             array = check_array_path("/".join(path))
             if value.device.type != "meta" and value.numel() > 0:
                 # Tied weights appear twice in a state dict; store them once and alias.
-                ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                         tuple(value.stride()), value.dtype)
+                ident = (
+                    value.untyped_storage().data_ptr(),
+                    value.storage_offset(),
+                    tuple(value.shape),
+                    tuple(value.stride()),
+                    value.dtype,
+                )
                 if ident in seen_storage:
                     return {TAG: "alias", "path": seen_storage[ident]}
                 seen_storage[ident] = array
@@ -57,7 +61,9 @@ def flatten(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.T
                     raise MetadataError(f"state key {k!r} at {'/'.join(path) or '<root>'} must be str or int")
                 seg = encode_key(str(k))
                 if seg in segments:
-                    raise MetadataError(f"state keys {segments[seg]!r} and {k!r} collide as path segment {seg!r}")
+                    raise MetadataError(
+                        f"state keys {segments[seg]!r} and {k!r} collide as path segment {seg!r}"
+                    )
                 segments[seg] = k
                 items.append((k, walk(v, (*path, seg))))
             if all(isinstance(k, str) for k, _ in items) and TAG not in value:
@@ -140,7 +146,9 @@ def restore(state: Any, skeleton: Any, read: ReadTensor) -> Any:
                 src = aliases[path]
                 if isinstance(current, torch.Tensor):
                     if current.shape != src.shape:
-                        raise LayoutError(f"tied tensor {path}: shape {tuple(current.shape)} vs {tuple(src.shape)}")
+                        raise LayoutError(
+                            f"tied tensor {path}: shape {tuple(current.shape)} vs {tuple(src.shape)}"
+                        )
                     with torch.no_grad():
                         current.copy_(src)
                     return current

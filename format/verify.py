@@ -60,7 +60,11 @@ def _check_zarr_json(store: Store, a: ArrayRecord, part_index: int) -> list[Prob
         doc = json.loads(store.read(key))
         part = a.parts[part_index]
         if doc.get("shape") != list(part.shape):
-            return [Problem(a.path, key, f"shape {doc.get('shape')} disagrees with the manifest {list(part.shape)}")]
+            return [
+                Problem(
+                    a.path, key, f"shape {doc.get('shape')} disagrees with the manifest {list(part.shape)}"
+                )
+            ]
         if doc.get("data_type") != a.dtype.storage:
             return [Problem(a.path, key, f"data_type {doc.get('data_type')!r} disagrees with the manifest")]
     except FileNotFoundError:
@@ -84,7 +88,11 @@ def _check_shard(store: Store, a: ArrayRecord, part_index: int, rec_index: int) 
     except OSError as e:
         return [Problem(a.path, key, f"unreadable: {e}")]
     if len(blob) != rec.nbytes:
-        return [Problem(a.path, key, f"size {len(blob)} bytes, manifest says {rec.nbytes} (truncated or replaced)")]
+        return [
+            Problem(
+                a.path, key, f"size {len(blob)} bytes, manifest says {rec.nbytes} (truncated or replaced)"
+            )
+        ]
     if a.kind == "scalar":
         if crc32c(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
             return [Problem(a.path, key, "chunk c: crc32c mismatch")]
@@ -113,7 +121,7 @@ def _check_shard(store: Store, a: ArrayRecord, part_index: int, rec_index: int) 
                 if r is None:
                     problems.append(Problem(a.path, key, f"{where}: missing from the shard index"))
                     continue
-                a.codec.decode(mv[r[0]:r[1]], full * a.dtype.itemsize, where)
+                a.codec.decode(mv[r[0] : r[1]], full * a.dtype.itemsize, where)
             except CheckpointError as e:
                 problems.append(Problem(a.path, key, str(e)))
     except (CheckpointError, MetadataError) as e:

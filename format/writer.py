@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.dtypes import LogicalDType, of_tensor, tensor_to_numpy
@@ -116,7 +115,9 @@ class CheckpointWriter:
         gshape = tuple(int(s) for s in (shape if shape is not None else tensor.shape))
         box = box or ShardBox.whole(gshape)
         if tuple(tensor.shape) != box.shape:
-            raise LayoutError(f"{path}: tensor of shape {tuple(tensor.shape)} does not fill its box {box.to_json()}")
+            raise LayoutError(
+                f"{path}: tensor of shape {tuple(tensor.shape)} does not fill its box {box.to_json()}"
+            )
         if not box.fits_in(gshape):
             raise LayoutError(f"{path}: box {box.to_json()} lies outside the global shape {gshape}")
         if boxes is None:
@@ -136,7 +137,9 @@ class CheckpointWriter:
         data = tensor_to_numpy(tensor)
         array_key = path if plan.kind != "pieces" else f"{path}/piece-{part.index:05d}"
         for coords in self._shards_of(plan, part, box):
-            self._futures.append(self._pool.submit(self._write_shard, path, array_key, part, coords, box, data, codec))
+            self._futures.append(
+                self._pool.submit(self._write_shard, path, array_key, part, coords, box, data, codec)
+            )
 
     @staticmethod
     def _shards_of(plan: ArrayPlan, part: PartPlan, box: ShardBox) -> list[tuple[int, ...]]:
@@ -162,7 +165,9 @@ class CheckpointWriter:
             key = f"{array_key}/c"
             nbytes, index_crc = len(raw) + 4, 0
         else:
-            local_box = ShardBox(tuple(o - po for o, po in zip(box.offset, part.offset, strict=True)), box.shape)
+            local_box = ShardBox(
+                tuple(o - po for o, po in zip(box.offset, part.offset, strict=True)), box.shape
+            )
             cell = cell_box(coords, part.grid, part.shape)
             if local_box.intersect(cell) != cell:
                 raise LayoutError(f"{path}: shard {coords} is not wholly inside this writer's box")
@@ -181,7 +186,9 @@ class CheckpointWriter:
         with self._lock:
             rep = self._report.arrays[path]
             old = rep.parts[part.index]
-            rep.parts[part.index] = PartRecord(old.offset, old.shape, old.grid, old.chunks, (*old.shards, record))
+            rep.parts[part.index] = PartRecord(
+                old.offset, old.shape, old.grid, old.chunks, (*old.shards, record)
+            )
 
     def finish(self) -> WriterReport:
         """Wait for every scheduled shard, make them durable, and return the report.
@@ -228,15 +235,23 @@ def report_from_json(doc: Any) -> WriterReport:
     from ckptd.format.errors import MetadataError
     from ckptd.format.manifest import _array  # the same strict validation as manifests
 
-    if not isinstance(doc, dict) or not isinstance(doc.get("arrays"), dict) or not isinstance(doc.get("rank"), int):
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("arrays"), dict)
+        or not isinstance(doc.get("rank"), int)
+    ):
         raise MetadataError("malformed writer report")
     rep = WriterReport(int(doc["rank"]))
     for path, a in doc["arrays"].items():
         if not isinstance(a, dict) or not isinstance(a.get("parts"), dict):
             raise MetadataError(f"malformed writer report for {path!r}")
         parts_doc = a["parts"]
-        rec = _array(check_array_path(path), {**a, "parts": list(parts_doc.values())} if a.get("kind") == "pieces"
-                     else {**a, "parts": list(parts_doc.values()) or [_empty_part(a)]})
+        rec = _array(
+            check_array_path(path),
+            {**a, "parts": list(parts_doc.values())}
+            if a.get("kind") == "pieces"
+            else {**a, "parts": list(parts_doc.values()) or [_empty_part(a)]},
+        )
         ar = ArrayReport(logical_dtype(a["dtype"]), rec.shape, rec.kind, rec.codec, rec.layout)
         for key, part in zip(parts_doc.keys(), rec.parts, strict=False):
             ar.parts[int(key)] = part

@@ -46,8 +46,11 @@ def s3_url(s3_server: str, s3_storage_options: dict[str, Any]) -> str:
 
     bucket = f"ckptd-{uuid.uuid4().hex[:12]}"
     boto3.client(
-        "s3", endpoint_url=s3_server, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     ).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/run"
 

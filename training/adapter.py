@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-
 from ckptd.format.boxes import ShardBox
 from ckptd.format.layout import FusedSplit, Mesh, TensorLayout
 from ckptd.training.mesh import ParallelContext
@@ -88,8 +87,8 @@ class GPTStateAdapter:
     compute weights are re-gathered from the loaded master shards).
     """
 
-    def __init__(self, optimizer: ZeroAdamW, ctx: ParallelContext) -> None:
-        self.optimizer, self.ctx = optimizer, ctx
+    def __init__(self, optimizer: ZeroAdamW, ctx: ParallelContext, *, tied_embeddings: bool) -> None:
+        self.optimizer, self.ctx, self.tied = optimizer, ctx, tied_embeddings
 
     @property
     def mesh(self) -> Mesh:
@@ -118,7 +117,9 @@ class GPTStateAdapter:
         wanted = {spec.path for spec, _st, _i in entries}
         missing, extra = wanted - tensors.keys(), tensors.keys() - wanted
         if missing or extra:
-            raise KeyError(f"canonical tensors missing: {sorted(missing)[:5]}, unexpected: {sorted(extra)[:5]}")
+            raise KeyError(
+                f"canonical tensors missing: {sorted(missing)[:5]}, unexpected: {sorted(extra)[:5]}"
+            )
         for spec, st, i in entries:
             src = tensors[spec.path]
             if tuple(src.shape) != spec.box.shape:
@@ -140,12 +141,24 @@ class GPTStateAdapter:
                 writer = layout.is_writer(self.mesh, self.coords)
                 for kind in _KINDS:
                     path = f"{kind}/{piece.name}"
-                    spec = CanonicalSpec(path=path, shape=piece.shape, dtype=torch.float32, layout=layout, box=box,
-                                         writer=writer)
+                    spec = CanonicalSpec(
+                        path=path,
+                        shape=piece.shape,
+                        dtype=torch.float32,
+                        layout=layout,
+                        box=box,
+                        writer=writer,
+                    )
                     out.append((spec, st, i))
         step_layout = TensorLayout(replicated=("dp", "tp", "pp"))
-        step = CanonicalSpec(path=STEP_PATH, shape=(), dtype=torch.int64, layout=step_layout,
-                             box=ShardBox((), ()), writer=step_layout.is_writer(self.mesh, self.coords))
+        step = CanonicalSpec(
+            path=STEP_PATH,
+            shape=(),
+            dtype=torch.int64,
+            layout=step_layout,
+            box=ShardBox((), ()),
+            writer=step_layout.is_writer(self.mesh, self.coords),
+        )
         out.append((step, None, 0))
         return out
 
@@ -162,7 +175,7 @@ class GPTStateAdapter:
             replicated.append("tp")
         if zero == 0:
             replicated.append("dp")
-        if piece.name == "tok_embed.weight" and self.ctx.pp > 1 and self.ctx.embed_group is not None:
+        if piece.name == "tok_embed.weight" and self.ctx.pp > 1 and self.tied:
             replicated.append("pp")  # first and last stage both hold it; the first stage writes
         fused = None
         if meta.fused:
@@ -223,6 +236,8 @@ def assemble_canonical(parts: Iterable[Mapping[str, CanonicalTensor]]) -> dict[s
     return full
 
 
-def read_boxes(full: Mapping[str, torch.Tensor], specs: Mapping[str, CanonicalSpec]) -> dict[str, torch.Tensor]:
+def read_boxes(
+    full: Mapping[str, torch.Tensor], specs: Mapping[str, CanonicalSpec]
+) -> dict[str, torch.Tensor]:
     """The boxes ``specs`` asks for, cut from full canonical tensors (what a checkpoint read returns)."""
     return {path: full[path][spec.box.slices()].clone() for path, spec in specs.items()}

@@ -94,10 +94,13 @@ class ParallelConfig:
         if self.stage_layers is not None:
             if len(self.stage_layers) != self.pp:
                 raise TrainingConfigError(
-                    f"stage_layers {self.stage_layers} lists {len(self.stage_layers)} stages but --pp is {self.pp}"
+                    f"stage_layers {self.stage_layers} lists {len(self.stage_layers)} stages "
+                    f"but --pp is {self.pp}"
                 )
             if any(n < 1 for n in self.stage_layers):
-                raise TrainingConfigError(f"every pipeline stage needs at least one layer: {self.stage_layers}")
+                raise TrainingConfigError(
+                    f"every pipeline stage needs at least one layer: {self.stage_layers}"
+                )
 
     def check_model(self, model: ModelConfig) -> None:
         """Fail early, with the option to change, when the model cannot be split this way."""

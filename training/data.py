@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from ckptd.training.config import DataConfig
 
 _SUCCESSORS = 4
@@ -36,7 +35,9 @@ class TokenSource:
                 raise ValueError(f"byte-level text needs vocab_size >= 256, got {vocab_size}")
             self._text = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         gen = torch.Generator().manual_seed(cfg.seed)
-        self._next = torch.stack([torch.randperm(vocab_size, generator=gen)[:_SUCCESSORS] for _ in range(vocab_size)])
+        self._next = torch.stack(
+            [torch.randperm(vocab_size, generator=gen)[:_SUCCESSORS] for _ in range(vocab_size)]
+        )
         self._cdf = torch.tensor(_PROBS).cumsum(0)
 
     def sample(self, index: int) -> torch.Tensor:
@@ -46,8 +47,8 @@ class TokenSource:
             start = int(torch.randint(0, len(self._text) - n + 1, (1,), generator=gen))
             return self._text[start : start + n]
         first = int(torch.randint(0, self.vocab_size, (1,), generator=gen))
-        choice = torch.searchsorted(self._cdf, torch.rand(n - 1, generator=gen) * float(self._cdf[-1]))
-        choice = choice.clamp(max=_SUCCESSORS - 1).tolist()
+        u = torch.rand(n - 1, generator=gen) * float(self._cdf[-1])
+        choice: list[int] = torch.searchsorted(self._cdf, u).clamp(max=_SUCCESSORS - 1).tolist()
         tokens = [first]
         for c in choice:
             tokens.append(int(self._next[tokens[-1], c]))
@@ -63,5 +64,6 @@ class TokenSource:
         n_micro = cfg.micro_batches(dp)
         base = step * cfg.global_batch + dp_rank * (cfg.global_batch // dp)
         return [
-            self.batch(range(base + m * cfg.micro_batch, base + (m + 1) * cfg.micro_batch)) for m in range(n_micro)
+            self.batch(range(base + m * cfg.micro_batch, base + (m + 1) * cfg.micro_batch))
+            for m in range(n_micro)
         ]

@@ -11,11 +11,10 @@ single-process reference runs the very same code without ``torch.distributed``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
 from ckptd.format.layout import mesh_coords
 
 MESH_ORDER = ("pp", "dp", "tp")
@@ -35,7 +34,7 @@ class ParallelContext:
     dp_rank: int = 0
     tp_rank: int = 0
     pp_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: Group = None
     dp_group: Group = None
     world_group: Group = None
@@ -65,7 +64,9 @@ class ParallelContext:
         return (pp * self.dp + dp) * self.tp + tp
 
     @staticmethod
-    def build(*, tp: int, pp: int, device: torch.device | None = None, tied_embeddings: bool = True) -> ParallelContext:
+    def build(
+        *, tp: int, pp: int, device: torch.device | None = None, tied_embeddings: bool = True
+    ) -> ParallelContext:
         """Create the groups of every axis. Collective: every rank of the default group must call it.
 
         ``torch.distributed`` must be initialised (or the world must be a single process).
@@ -129,7 +130,9 @@ def group_rank(group: Group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def all_reduce(t: torch.Tensor, group: Group, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(
+    t: torch.Tensor, group: Group, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> torch.Tensor:
     """In-place all-reduce; a no-op on a group of one."""
     if group is not None:
         dist.all_reduce(t, op=op, group=group)

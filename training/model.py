@@ -17,8 +17,6 @@ import zlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ckptd.training.config import ModelConfig
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.params import ParamMeta, Piece
@@ -28,6 +26,7 @@ from ckptd.training.tp import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from torch import nn
 
 
 class LayerNorm(nn.Module):
@@ -56,7 +55,9 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(
             cfg.d_model, (self.n_heads + 2 * self.n_kv) * hd, group=ctx.tp_group, dtype=dtype, device=dev
         )
-        self.out = RowParallelLinear(self.n_heads * hd, cfg.d_model, group=ctx.tp_group, dtype=dtype, device=dev)
+        self.out = RowParallelLinear(
+            self.n_heads * hd, cfg.d_model, group=ctx.tp_group, dtype=dtype, device=dev
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -70,18 +71,22 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+        out: torch.Tensor = self.out(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+        return out
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         local = cfg.ffn // ctx.tp
-        self.fc1 = ColumnParallelLinear(cfg.d_model, local, group=ctx.tp_group, dtype=dtype, device=ctx.device)
+        self.fc1 = ColumnParallelLinear(
+            cfg.d_model, local, group=ctx.tp_group, dtype=dtype, device=ctx.device
+        )
         self.fc2 = RowParallelLinear(local, cfg.d_model, group=ctx.tp_group, dtype=dtype, device=ctx.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        out: torch.Tensor = self.fc2(F.gelu(self.fc1(x)))
+        return out
 
 
 class Block(nn.Module):
@@ -94,7 +99,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        out: torch.Tensor = x + self.mlp(self.mlp_norm(x))
+        return out
 
 
 class PositionEmbedding(nn.Module):
@@ -122,7 +128,12 @@ class GPTStage(nn.Module):
         self.pos: PositionEmbedding | None = None
         if ctx.is_first_stage:
             self.embed = VocabParallelEmbedding(
-                self.local_vocab, cfg.d_model, tp_rank=ctx.tp_rank, group=ctx.tp_group, dtype=dtype, device=dev
+                self.local_vocab,
+                cfg.d_model,
+                tp_rank=ctx.tp_rank,
+                group=ctx.tp_group,
+                dtype=dtype,
+                device=dev,
             )
             self.pos = PositionEmbedding(cfg.max_seq_len, cfg.d_model, dtype=dtype, device=dev)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, ctx, dtype) for i in layers})
@@ -130,8 +141,9 @@ class GPTStage(nn.Module):
         self.head: ColumnParallelLinear | None = None
         if ctx.is_last_stage:
             self.final_norm = LayerNorm(cfg.d_model, dtype=dtype, device=dev)
-            self.head = ColumnParallelLinear(cfg.d_model, self.local_vocab, group=ctx.tp_group, dtype=dtype,
-                                             device=dev)
+            self.head = ColumnParallelLinear(
+                cfg.d_model, self.local_vocab, group=ctx.tp_group, dtype=dtype, device=dev
+            )
             if cfg.tie_embeddings and self.embed is not None:
                 self.head.weight = self.embed.weight  # one Parameter, registered in both modules
 
@@ -163,8 +175,9 @@ class GPTStage(nn.Module):
             piece = Piece(name=canonical, shape=(vocab, d), tp_dim=0, padded_rows=self.padded_vocab)
             return ParamMeta(name=name, pieces=(piece,), tied_copy=tied and name == "head.weight")
         if name == "pos.weight":
-            return ParamMeta(name=name, pieces=(Piece(name="pos_embed.weight", shape=(cfg.max_seq_len, d),
-                                                      tp_dim=None),))
+            return ParamMeta(
+                name=name, pieces=(Piece(name="pos_embed.weight", shape=(cfg.max_seq_len, d), tp_dim=None),)
+            )
         if name.endswith("norm.weight") or name.endswith("norm.bias"):
             return ParamMeta(name=name, pieces=(Piece(name=name, shape=(d,), tp_dim=None),), decay=False)
         if name.endswith("attn.qkv.weight"):
@@ -174,7 +187,9 @@ class GPTStage(nn.Module):
             pieces = tuple(Piece(name=f"{prefix}{p}.weight", shape=(n, d), tp_dim=0) for p, n in rows.items())
             return ParamMeta(name=name, pieces=pieces, fused=True)
         if name.endswith("attn.out.weight"):
-            return ParamMeta(name=name, pieces=(Piece(name=name, shape=(d, cfg.n_heads * cfg.head_dim), tp_dim=1),))
+            return ParamMeta(
+                name=name, pieces=(Piece(name=name, shape=(d, cfg.n_heads * cfg.head_dim), tp_dim=1),)
+            )
         if name.endswith("mlp.fc1.weight"):
             return ParamMeta(name=name, pieces=(Piece(name=name, shape=(cfg.ffn, d), tp_dim=0),))
         if name.endswith("mlp.fc2.weight"):

@@ -34,7 +34,9 @@ class Piece:
             shape[0] = self.padded_rows
         if self.tp_dim is not None:
             if shape[self.tp_dim] % tp:
-                raise ValueError(f"{self.name}: dim {self.tp_dim} of {tuple(shape)} does not split into tp={tp}")
+                raise ValueError(
+                    f"{self.name}: dim {self.tp_dim} of {tuple(shape)} does not split into tp={tp}"
+                )
             shape[self.tp_dim] //= tp
         return tuple(shape)
 
@@ -67,7 +69,7 @@ class ParamMeta:
 
 
 def shard_rows(rows: int, parts: int, index: int) -> tuple[int, int]:
-    """(start, length) of ZeRO shard ``index`` of ``rows`` rows: ceil division, trailing shards short or empty."""
+    """(start, length) of ZeRO shard ``index`` of ``rows`` rows, by ceil division."""
     cell = -(-rows // parts) if rows else 0
     start = min(rows, index * cell)
     return start, min(rows, start + cell) - start

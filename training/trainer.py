@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
 from ckptd.training.adapter import GPTStateAdapter
 from ckptd.training.config import (
     DataConfig,
@@ -93,13 +92,16 @@ class Trainer:
         counts = cfg.parallel.layers_per_stage(cfg.model.n_layers)
         first = sum(counts[: ctx.pp_rank])
         self.dtype = cfg.compute_dtype(ctx.device)
-        self.stage = GPTStage(cfg.model, ctx, layers=range(first, first + counts[ctx.pp_rank]), dtype=self.dtype)
+        self.stage = GPTStage(
+            cfg.model, ctx, layers=range(first, first + counts[ctx.pp_rank]), dtype=self.dtype
+        )
         metas = self.stage.param_metas()
         self.optimizer = ZeroAdamW(self.stage, metas, ctx, cfg.optim, zero_stage=cfg.parallel.zero_stage)
-        self.adapter = GPTStateAdapter(self.optimizer, ctx)
+        self.adapter = GPTStateAdapter(self.optimizer, ctx, tied_embeddings=cfg.model.tie_embeddings)
         act_shape = (cfg.data.micro_batch, cfg.data.seq_len, cfg.model.d_model)
-        self.schedule = PipelineSchedule(self.stage, ctx, kind=cfg.parallel.schedule, act_shape=act_shape,
-                                         dtype=self.dtype)
+        self.schedule = PipelineSchedule(
+            self.stage, ctx, kind=cfg.parallel.schedule, act_shape=act_shape, dtype=self.dtype
+        )
         self.data = TokenSource(cfg.data, cfg.model.vocab_size)
         self.step = 0
         """Optimizer steps taken so far (the next step trains on global samples of this index)."""
@@ -109,7 +111,9 @@ class Trainer:
         tensors: dict[str, torch.Tensor] = {}
         for path, spec in self.adapter.specs().items():
             if path.startswith("model/"):
-                full = canonical_init(self.cfg.model, path.removeprefix("model/"), spec.shape, self.cfg.init_seed)
+                full = canonical_init(
+                    self.cfg.model, path.removeprefix("model/"), spec.shape, self.cfg.init_seed
+                )
                 tensors[path] = full[spec.box.slices()]
             else:
                 tensors[path] = torch.zeros(spec.box.shape, dtype=spec.dtype)
@@ -173,18 +177,36 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         try:
             stage_layers = tuple(int(x) for x in args.stage_layers.split(","))
         except ValueError as e:
-            raise TrainingConfigError(f"--stage-layers must be comma-separated integers: {args.stage_layers!r}") from e
+            raise TrainingConfigError(
+                f"--stage-layers must be comma-separated integers: {args.stage_layers!r}"
+            ) from e
     return TrainConfig(
         model=ModelConfig(
-            vocab_size=args.vocab, n_layers=args.layers, d_model=args.width, n_heads=args.heads,
-            n_kv_heads=args.kv_heads, d_ff=args.ffn, max_seq_len=args.seq_len, tie_embeddings=not args.untied,
+            vocab_size=args.vocab,
+            n_layers=args.layers,
+            d_model=args.width,
+            n_heads=args.heads,
+            n_kv_heads=args.kv_heads,
+            d_ff=args.ffn,
+            max_seq_len=args.seq_len,
+            tie_embeddings=not args.untied,
         ),
-        parallel=ParallelConfig(tp=args.tp, pp=args.pp, zero_stage=args.zero, schedule=args.schedule,
-                                stage_layers=stage_layers),
+        parallel=ParallelConfig(
+            tp=args.tp, pp=args.pp, zero_stage=args.zero, schedule=args.schedule, stage_layers=stage_layers
+        ),
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip or None),
-        data=DataConfig(seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                        seed=args.seed, text_file=args.text_file),
-        steps=args.steps, init_seed=args.init_seed, dtype=args.dtype, log_json=args.log_json, ckpt=args.ckpt,
+        data=DataConfig(
+            seq_len=args.seq_len,
+            global_batch=args.global_batch,
+            micro_batch=args.micro_batch,
+            seed=args.seed,
+            text_file=args.text_file,
+        ),
+        steps=args.steps,
+        init_seed=args.init_seed,
+        dtype=args.dtype,
+        log_json=args.log_json,
+        ckpt=args.ckpt,
         every=args.every,
     )
 
@@ -212,25 +234,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingConfigError as e:
         print(f"ckptd train: configuration error: {e}", file=sys.stderr)
         return 2
-    ctx = ParallelContext.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=device,
-                                tied_embeddings=cfg.model.tie_embeddings)
+    ctx = ParallelContext.build(
+        tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=device, tied_embeddings=cfg.model.tie_embeddings
+    )
     trainer = Trainer(cfg, ctx)
     trainer.init_weights()
     if ctx.rank == 0 and (cfg.ckpt or cfg.every):
-        print("ckptd train: --ckpt/--every are accepted but checkpointing is pending the snapshot engine; "
-              "this run saves nothing", file=sys.stderr)
+        print(
+            "ckptd train: --ckpt/--every are accepted but checkpointing is pending the snapshot engine; "
+            "this run saves nothing",
+            file=sys.stderr,
+        )
     log = open(cfg.log_json, "a", encoding="utf-8") if cfg.log_json and ctx.rank == 0 else None  # noqa: SIM115
     try:
         while trainer.step < cfg.steps:
             r = trainer.train_step()
             if ctx.rank == 0:
-                rec = {"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm,
-                       "tokens_per_s": r.tokens / r.seconds, "ckpt_block_ms": 0.0, "step_ms": r.seconds * 1e3}
+                rec = {
+                    "step": r.step,
+                    "loss": r.loss,
+                    "grad_norm": r.grad_norm,
+                    "tokens_per_s": r.tokens / r.seconds,
+                    "ckpt_block_ms": 0.0,
+                    "step_ms": r.seconds * 1e3,
+                }
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-                print(f"step {r.step:5d}  loss {r.loss:.4f}  grad_norm {r.grad_norm:.3f}  "
-                      f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
+                print(
+                    f"step {r.step:5d}  loss {r.loss:.4f}  grad_norm {r.grad_norm:.3f}  "
+                    f"{rec['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
     finally:
         if log is not None:
             log.close()

@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("gc", help="delete uncommitted leftovers of crashed saves")
     p.add_argument("uri")
-    p.add_argument("--min-age", type=float, default=3600.0, help="only leftovers untouched for this many seconds")
+    p.add_argument(
+        "--min-age", type=float, default=3600.0, help="only leftovers untouched for this many seconds"
+    )
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_gc)
 
@@ -73,8 +75,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for step in run.steps():
         m = run.manifest(step)
-        rows.append({"step": step, "created_at": m.created_at, "arrays": len(m.arrays), "nbytes": m.nbytes,
-                     "stored_bytes": m.stored_bytes, "world_size": m.world_size, "committed": True})
+        rows.append(
+            {
+                "step": step,
+                "created_at": m.created_at,
+                "arrays": len(m.arrays),
+                "nbytes": m.nbytes,
+                "stored_bytes": m.stored_bytes,
+                "world_size": m.world_size,
+                "committed": True,
+            }
+        )
     if args.all:
         rows += [{"step": s, "committed": False} for s in run.uncommitted()]
         rows.sort(key=lambda r: r["step"])
@@ -90,8 +101,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if not r["committed"]:
             print(f"{r['step']:>10}  (uncommitted)")
             continue
-        print(f"{r['step']:>10}  {r['created_at']:<29} {r['arrays']:>6} {_human(r['nbytes']):>10} "
-              f"{_human(r['stored_bytes']):>10} {r['world_size']:>5}")
+        print(
+            f"{r['step']:>10}  {r['created_at']:<29} {r['arrays']:>6} {_human(r['nbytes']):>10} "
+            f"{_human(r['stored_bytes']):>10} {r['world_size']:>5}"
+        )
     return 0
 
 
@@ -133,18 +146,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"checkpoint step {m.step} in {run.url}")
-    print(f"  created {m.created_at}  format v{m.format_version}  world size {m.world_size}  "
-          f"mesh {dict(m.mesh) or '-'}")
+    print(
+        f"  created {m.created_at}  format v{m.format_version}  world size {m.world_size}  "
+        f"mesh {dict(m.mesh) or '-'}"
+    )
     ratio = m.stored_bytes / m.nbytes if m.nbytes else 1.0
-    print(f"  {len(m.arrays)} arrays, {_human(m.nbytes)} logical, {_human(m.stored_bytes)} stored ({ratio:.2f}x)")
+    print(
+        f"  {len(m.arrays)} arrays, {_human(m.nbytes)} logical, "
+        f"{_human(m.stored_bytes)} stored ({ratio:.2f}x)"
+    )
     if m.metadata:
         print(f"  metadata {json.dumps(dict(m.metadata))}")
     width = max([len(p) for p in m.arrays] + [5])
-    print(f"  {'ARRAY':<{width}}  {'DTYPE':<13} {'SHAPE':<20} {'KIND':<8} {'SHARDS':>6} {'BYTES':>10}  CODECS  LAYOUT")
+    print(
+        f"  {'ARRAY':<{width}}  {'DTYPE':<13} {'SHAPE':<20} {'KIND':<8} {'SHARDS':>6} {'BYTES':>10}"
+        "  CODECS  LAYOUT"
+    )
     for p, a in doc["arrays"].items():
         layout = "-" if a["layout"] is None else json.dumps(a["layout"]["partition"])
-        print(f"  {p:<{width}}  {a['dtype']:<13} {str(tuple(a['shape'])):<20} {a['kind']:<8} {a['shards']:>6} "
-              f"{_human(a['nbytes']):>10}  {a['codecs']:<6}  {layout}")
+        print(
+            f"  {p:<{width}}  {a['dtype']:<13} {tuple(a['shape'])!s:<20} {a['kind']:<8} {a['shards']:>6} "
+            f"{_human(a['nbytes']):>10}  {a['codecs']:<6}  {layout}"
+        )
     return 0
 
 
@@ -159,8 +182,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for step in steps:
         m = run.manifest(step)
         total = sum(1 + len(part.shards) for a in m.arrays.values() for part in a.parts)
-        with tqdm(total=total, desc=f"verify step {step}", unit="obj", disable=args.quiet or not sys.stderr.isatty(),
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=total,
+            desc=f"verify step {step}",
+            unit="obj",
+            disable=args.quiet or not sys.stderr.isatty(),
+            file=sys.stderr,
+        ) as bar:
             problems = verify(run.checkpoint_store(step), m, progress=bar.update)
         for prob in problems:
             print(f"step {step}: CORRUPT {prob.array}: {prob}")

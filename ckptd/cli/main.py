@@ -23,7 +23,9 @@ _COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckptd", description="Checkpoints for PyTorch distributed training.")
+    parser = argparse.ArgumentParser(
+        prog="ckptd", description="Checkpoints for PyTorch distributed training."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:

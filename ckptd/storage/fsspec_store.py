@@ -16,8 +16,6 @@ import fsspec
 from ckptd.format.errors import StorageError
 from ckptd.format.store import Buffer
 
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-
 
 class FsspecStore:
     def __init__(self, fs: Any, root: str, *, protocol: str) -> None:
@@ -59,8 +57,6 @@ class FsspecStore:
             self.fs.pipe_file(self._path(key), blob)
         except FileNotFoundError as e:
             raise self._wrap(f"writing {key}", e) from e
-        except (OSError, *_CONNECTION_ERRORS) as e:
-            raise self._wrap(f"writing {key}", e) from e
         except Exception as e:  # botocore/aiohttp errors do not derive from OSError
             raise self._wrap(f"writing {key}", e) from e
         return len(blob)
@@ -86,8 +82,9 @@ class FsspecStore:
             if len(ranges) == 1:
                 start, stop = ranges[0]
                 return [bytes(self.fs.cat_file(path, start=start, end=stop))]
-            out = self.fs.cat_ranges([path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges],
-                                     on_error="raise")
+            out = self.fs.cat_ranges(
+                [path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges], on_error="raise"
+            )
             return [bytes(b) for b in out]
         except FileNotFoundError:
             raise
@@ -129,7 +126,7 @@ class FsspecStore:
         except Exception as e:
             raise self._wrap(f"listing {key}", e) from e
         newest: float | None = None
-        for info in (infos.values() if isinstance(infos, dict) else []):
+        for info in infos.values() if isinstance(infos, dict) else []:
             t = _mtime_of(info)
             if t is not None:
                 newest = t if newest is None else max(newest, t)

@@ -20,11 +20,23 @@ from ckptd.training.trainer import TrainConfig
 
 def train_config(job: dict[str, Any]) -> TrainConfig:
     return TrainConfig(
-        model=ModelConfig(vocab_size=101, n_layers=4, d_model=64, n_heads=8, n_kv_heads=4, d_ff=128,
-                          max_seq_len=16, tie_embeddings=not job.get("untied", False)),
-        parallel=ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1), zero_stage=job.get("zero", 1),
-                                schedule=job.get("schedule", "1f1b"),
-                                stage_layers=tuple(job["stage_layers"]) if job.get("stage_layers") else None),
+        model=ModelConfig(
+            vocab_size=101,
+            n_layers=4,
+            d_model=64,
+            n_heads=8,
+            n_kv_heads=4,
+            d_ff=128,
+            max_seq_len=16,
+            tie_embeddings=not job.get("untied", False),
+        ),
+        parallel=ParallelConfig(
+            tp=job.get("tp", 1),
+            pp=job.get("pp", 1),
+            zero_stage=job.get("zero", 1),
+            schedule=job.get("schedule", "1f1b"),
+            stage_layers=tuple(job["stage_layers"]) if job.get("stage_layers") else None,
+        ),
         optim=OptimConfig(lr=1e-3, eps=1e-5, grad_clip=1.0, weight_decay=0.1),
         data=DataConfig(seq_len=16, global_batch=8, micro_batch=2, seed=7),
         steps=job.get("steps", 3),

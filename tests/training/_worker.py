@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
+from ckptd.format.boxes import ShardBox
+from ckptd.format.layout import TensorLayout
 from ckptd.training.adapter import CanonicalSpec, CanonicalTensor, assemble_canonical, read_boxes
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import Trainer
-from ckptd.format.boxes import ShardBox
-from ckptd.format.layout import TensorLayout
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _configs import train_config  # noqa: E402
+from _configs import train_config
 
 
 def load_parts(job_dir: Path) -> list[dict[str, CanonicalTensor]]:
@@ -33,9 +32,14 @@ def load_parts(job_dir: Path) -> list[dict[str, CanonicalTensor]]:
         saved = torch.load(f, weights_only=True)["canonical"]
         part = {}
         for path, e in saved.items():
-            spec = CanonicalSpec(path=path, shape=tuple(e["shape"]), dtype=e["data"].dtype,
-                                 layout=TensorLayout(), box=ShardBox(tuple(e["offset"]), tuple(e["box"])),
-                                 writer=e["writer"])
+            spec = CanonicalSpec(
+                path=path,
+                shape=tuple(e["shape"]),
+                dtype=e["data"].dtype,
+                layout=TensorLayout(),
+                box=ShardBox(tuple(e["offset"]), tuple(e["box"])),
+                writer=e["writer"],
+            )
             part[path] = CanonicalTensor(spec, e["data"])
         parts.append(part)
     return parts
@@ -49,7 +53,9 @@ def main() -> None:
     torch.manual_seed(0)
     for job in jobs:
         cfg = train_config(job)
-        ctx = ParallelContext.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp, tied_embeddings=cfg.model.tie_embeddings)
+        ctx = ParallelContext.build(
+            tp=cfg.parallel.tp, pp=cfg.parallel.pp, tied_embeddings=cfg.model.tie_embeddings
+        )
         trainer = Trainer(cfg, ctx)
         if job.get("load_from"):
             full = assemble_canonical(load_parts(out / job["load_from"]))
@@ -59,8 +65,13 @@ def main() -> None:
             trainer.init_weights()
         losses = [trainer.train_step().loss for _ in range(job["steps"])]
         canonical = {
-            path: {"offset": list(ct.spec.box.offset), "box": list(ct.spec.box.shape), "shape": list(ct.spec.shape),
-                   "writer": ct.spec.writer, "data": ct.data.detach().cpu().clone()}
+            path: {
+                "offset": list(ct.spec.box.offset),
+                "box": list(ct.spec.box.shape),
+                "shape": list(ct.spec.shape),
+                "writer": ct.spec.writer,
+                "data": ct.data.detach().cpu().clone(),
+            }
             for path, ct in trainer.adapter.to_canonical().items()
         }
         (out / job["name"]).mkdir(parents=True, exist_ok=True)

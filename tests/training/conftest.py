@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-
 from ckptd.training.adapter import assemble_canonical
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import Trainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from _configs import train_config  # noqa: E402, F401
+from _configs import train_config  # noqa: E402
 
 Result = dict[str, Any]
 
@@ -34,14 +33,25 @@ def reference(job: dict[str, Any], steps: int = 3) -> tuple[list[float], dict[st
 
 
 def launch(world: int, jobs: list[dict[str, Any]], out: Path, timeout: float = 300) -> dict[str, Result]:
-    """Run ``jobs`` on a fresh gloo world of ``world`` processes; return each job's losses and canonical state."""
+    """Run ``jobs`` on a fresh gloo world of ``world`` ranks; return each job's losses and canonical state."""
     # The parent holds the rendezvous store on a kernel-chosen port: no fixed port, no race.
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "_worker.py"), str(r), str(world), str(store.port), json.dumps(jobs), str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(HERE / "_worker.py"),
+                str(r),
+                str(world),
+                str(store.port),
+                json.dumps(jobs),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for r in range(world)
     ]

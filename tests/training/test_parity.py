@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import WORLD2, WORLD4, WORLD8, Result, reference, rel_diff
 
 pytestmark = pytest.mark.distributed
 
 TOL = 1e-6
+
 
 @pytest.fixture(scope="module")
 def refs() -> dict[bool, tuple[list[float], dict[str, torch.Tensor]]]:
@@ -37,7 +37,8 @@ def check_parity(job: dict[str, Any], got: Result, refs: dict[bool, Any]) -> Non
     assert got["state"].keys() == ref_state.keys()
     assert int(got["state"]["optim/step"]) == 3
     worst = max(
-        ((rel_diff(got["state"][p], ref_state[p]), p) for p in ref_state if p != "optim/step"), key=lambda x: x[0]
+        ((rel_diff(got["state"][p], ref_state[p]), p) for p in ref_state if p != "optim/step"),
+        key=lambda x: x[0],
     )
     assert worst[0] <= TOL, f"{worst[1]} differs from the reference by {worst[0]:.2e} (relative)"
     # The parameters really moved: a layout that silently skipped updates would fail here.
@@ -57,17 +58,23 @@ def refs_init(job: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("job", WORLD2, ids=[j["name"] for j in WORLD2])
-def test_world2_layout_matches_single_process(job: dict[str, Any], world2: dict[str, Result], refs: Any) -> None:
+def test_world2_layout_matches_single_process(
+    job: dict[str, Any], world2: dict[str, Result], refs: Any
+) -> None:
     check_parity(job, world2[job["name"]], refs)
 
 
 @pytest.mark.parametrize("job", WORLD4, ids=[j["name"] for j in WORLD4])
-def test_world4_layout_matches_single_process(job: dict[str, Any], world4: dict[str, Result], refs: Any) -> None:
+def test_world4_layout_matches_single_process(
+    job: dict[str, Any], world4: dict[str, Result], refs: Any
+) -> None:
     check_parity(job, world4[job["name"]], refs)
 
 
 @pytest.mark.parametrize("job", WORLD8, ids=[j["name"] for j in WORLD8])
-def test_world8_layout_matches_single_process(job: dict[str, Any], world8: dict[str, Result], refs: Any) -> None:
+def test_world8_layout_matches_single_process(
+    job: dict[str, Any], world8: dict[str, Result], refs: Any
+) -> None:
     check_parity(job, world8[job["name"]], refs)
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from ckptd.training.adapter import read_boxes
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import Trainer
@@ -42,7 +41,7 @@ def test_resume_at_dp4_pp2_zero3_matches_uninterrupted(world8: dict[str, Result]
 
 
 def test_resume_single_process_from_dp2_tp2_pp2(world8: dict[str, Result], uninterrupted: Any) -> None:
-    ref_losses, ref_state, _ = uninterrupted
+    ref_losses, _, _ = uninterrupted
     trainer = Trainer(train_config({}), ParallelContext())
     state = world8["dp2-tp2-pp2"]["state"]
     trainer.adapter.from_canonical(read_boxes(state, trainer.adapter.specs()))
@@ -51,8 +50,10 @@ def test_resume_single_process_from_dp2_tp2_pp2(world8: dict[str, Result], unint
     assert abs(loss - ref_losses[3]) <= 1e-5 * abs(ref_losses[3])
     # The loaded optimizer state matters: dropping the Adam moments changes the next step.
     fresh = Trainer(train_config({}), ParallelContext())
-    no_moments = {p: (t if p.startswith("model/") or p == "optim/step" else torch.zeros_like(t))
-                  for p, t in read_boxes(state, fresh.adapter.specs()).items()}
+    no_moments = {
+        p: (t if p.startswith("model/") or p == "optim/step" else torch.zeros_like(t))
+        for p, t in read_boxes(state, fresh.adapter.specs()).items()
+    }
     fresh.adapter.from_canonical(no_moments)
     fresh.step = 3
     fresh.train_step()

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.model import GPTStage
 
@@ -33,8 +32,15 @@ class _InFlight:
 class PipelineSchedule:
     """Runs forward and backward of every micro-batch of one step on this stage."""
 
-    def __init__(self, stage: GPTStage, ctx: ParallelContext, *, kind: str, act_shape: tuple[int, ...],
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        stage: GPTStage,
+        ctx: ParallelContext,
+        *,
+        kind: str,
+        act_shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
         self.stage, self.ctx, self.kind = stage, ctx, kind
         self.act_shape, self.dtype = act_shape, dtype
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
@@ -90,11 +96,11 @@ class PipelineSchedule:
         ctx = self.ctx
         f = self._flight.pop(i)
         if ctx.next_rank is None:
-            f.out.backward()
+            torch.autograd.backward([f.out])
         else:
             grad = torch.empty(self.act_shape, dtype=self.dtype, device=ctx.device)
             dist.recv(grad, src=ctx.next_rank)
-            f.out.backward(grad)
+            torch.autograd.backward([f.out], [grad])
         if ctx.prev_rank is not None:
             assert f.inp.grad is not None, "a stage input must receive a gradient"
             self._send(f.inp.grad, ctx.prev_rank)

@@ -3,4 +3,9 @@
 from ckptd.training.tp.cross_entropy import vocab_parallel_cross_entropy
 from ckptd.training.tp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy",
+]

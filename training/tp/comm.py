@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from ckptd.training.mesh import Group, all_reduce
 
 
@@ -39,12 +38,12 @@ class _ReduceFromTP(torch.autograd.Function):
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group is None:
         return x
-    out: torch.Tensor = _CopyToTP.apply(x, group)
+    out: torch.Tensor = _CopyToTP.apply(x, group)  # type: ignore[no-untyped-call]
     return out
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group is None:
         return x
-    out: torch.Tensor = _ReduceFromTP.apply(x, group)
+    out: torch.Tensor = _ReduceFromTP.apply(x, group)  # type: ignore[no-untyped-call]
     return out

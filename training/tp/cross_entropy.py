@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from ckptd.training.mesh import Group, all_reduce
 
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int,
-                group: Group) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, start: int, vocab: int, group: Group
+    ) -> torch.Tensor:
         ctx.in_dtype = logits.dtype
         logits = logits.float()
         n_local = logits.shape[-1]
@@ -47,8 +47,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return ((soft - onehot) * (grad / n)).to(ctx.in_dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, start: int, vocab: int,
-                                 group: Group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, *, start: int, vocab: int, group: Group
+) -> torch.Tensor:
     """Mean token loss. ``logits``: (..., local padded vocab) of the columns [start, start + local)."""
-    out: torch.Tensor = _VocabParallelCE.apply(logits, target, start, vocab, group)
+    out: torch.Tensor = _VocabParallelCE.apply(logits, target, start, vocab, group)  # type: ignore[no-untyped-call]
     return out

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ckptd.training.mesh import Group
 from ckptd.training.tp.comm import copy_to_tp, reduce_from_tp
+from torch import nn
 
 
 class ColumnParallelLinear(nn.Module):
@@ -20,8 +19,9 @@ class ColumnParallelLinear(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, in_features: int, local_out: int, *, group: Group, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, in_features: int, local_out: int, *, group: Group, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(torch.empty(local_out, in_features, dtype=dtype, device=device))
@@ -35,8 +35,9 @@ class RowParallelLinear(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, local_in: int, out_features: int, *, group: Group, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, local_in: int, out_features: int, *, group: Group, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(torch.empty(out_features, local_in, dtype=dtype, device=device))
@@ -50,8 +51,16 @@ class VocabParallelEmbedding(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, local_vocab: int, dim: int, *, tp_rank: int, group: Group, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        local_vocab: int,
+        dim: int,
+        *,
+        tp_rank: int,
+        group: Group,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.group = group
         self.start = tp_rank * local_vocab

@@ -21,17 +21,17 @@ them up — correct across dp, tp and pp at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
-
 from ckptd.training.config import OptimConfig
 from ckptd.training.mesh import ParallelContext, all_gather_rows, all_reduce, reduce_scatter_rows
 from ckptd.training.params import ParamMeta
 from ckptd.training.zero.shard import ParamShards
 from ckptd.training.zero.stage3 import ShardedParam, shard_module
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @dataclass(slots=True, eq=False)
@@ -56,7 +56,12 @@ class ZeroAdamW:
     """The optimizer of one stage module on one rank."""
 
     def __init__(
-        self, module: nn.Module, metas: dict[str, ParamMeta], ctx: ParallelContext, cfg: OptimConfig, *,
+        self,
+        module: nn.Module,
+        metas: dict[str, ParamMeta],
+        ctx: ParallelContext,
+        cfg: OptimConfig,
+        *,
         zero_stage: int,
     ) -> None:
         self.ctx, self.cfg, self.zero_stage = ctx, cfg, zero_stage
@@ -68,14 +73,19 @@ class ZeroAdamW:
             shards = ParamShards.of(meta, tp=ctx.tp, parts=parts, index=index)
             zeros = [torch.zeros(s, dtype=torch.float32, device=ctx.device) for s in shards.own_shapes()]
             self.states[name] = ParamState(
-                meta=meta, shards=shards, param=params[name], master=zeros,
-                exp_avg=[z.clone() for z in zeros], exp_avg_sq=[z.clone() for z in zeros],
+                meta=meta,
+                shards=shards,
+                param=params[name],
+                master=zeros,
+                exp_avg=[z.clone() for z in zeros],
+                exp_avg_sq=[z.clone() for z in zeros],
                 grad=[z.clone() for z in zeros],
             )
         self._handles: list[RemovableHandle] = []
         if zero_stage == 2:
             for st in self.states.values():
-                self._handles.append(st.param.register_post_accumulate_grad_hook(self._stage2_hook(st)))
+                hook = self._stage2_hook(st)
+                self._handles.append(st.param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
         elif zero_stage == 3:
             sharded, self._handles = shard_module(module, self._make_sharded)
             for name, sp in sharded.items():
@@ -85,7 +95,7 @@ class ZeroAdamW:
         st = self.states[name]
         return ShardedParam(param, st.shards, self.ctx.dp_group, st.add_grad)
 
-    def _stage2_hook(self, st: ParamState) -> torch.Callable[[torch.Tensor], None]:  # type: ignore[name-defined]
+    def _stage2_hook(self, st: ParamState) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             # Runs once per backward (per micro-batch), after this parameter's gradient is complete.
             assert p.grad is not None

@@ -17,20 +17,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
-
 from ckptd.training.mesh import Group, all_gather_rows, reduce_scatter_rows
 from ckptd.training.zero.shard import ParamShards
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 GradSink = Callable[[list[torch.Tensor]], None]
 
 
 class _GatherParam(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, shard: torch.Tensor, shards: ParamShards, group: Group, sink: GradSink) -> torch.Tensor:
+    def forward(
+        ctx: Any, shard: torch.Tensor, shards: ParamShards, group: Group, sink: GradSink
+    ) -> torch.Tensor:
         ctx.shards, ctx.group, ctx.sink = shards, group, sink
-        pieces = list(shard.split([s[0] for s in shards.own_shapes()]))
+        pieces, at = [], 0
+        for rows, *_ in shards.own_shapes():
+            pieces.append(shard[at : at + rows])
+            at += rows
         return shards.unpack_all(all_gather_rows(shards.pad_own(pieces), group))
 
     @staticmethod
@@ -53,7 +57,7 @@ class ShardedParam:
         self.shard = nn.Parameter(data, requires_grad=True)
 
     def gather(self) -> torch.Tensor:
-        out: torch.Tensor = _GatherParam.apply(self.shard, self.shards, self.group, self.sink)
+        out: torch.Tensor = _GatherParam.apply(self.shard, self.shards, self.group, self.sink)  # type: ignore[no-untyped-call]
         return out
 
 
