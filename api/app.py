@@ -67,7 +67,10 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     """422 without echoing the input: a hostile body (``1e999``, huge strings) must not come back, and
     non-finite numbers in it would make FastAPI's default handler fail with a 500."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:500], "type": e.get("type")} for e in errors]
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:500], "type": e.get("type")}
+        for e in errors
+    ]
     return JSONResponse({"detail": detail, "error": "RequestValidationError"}, status_code=422)
 
 

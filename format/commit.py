@@ -21,7 +21,13 @@ from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecor
 from ckptd.format.store import Store
 from ckptd.format.tree import tensor_paths
 from ckptd.format.writer import ArrayReport, WriterReport
-from ckptd.format.zarr_meta import ZARR_JSON, array_document, group_document
+from ckptd.format.zarr_meta import (
+    ZARR_JSON,
+    array_document,
+    checkpoint_groups,
+    group_document,
+    root_attributes,
+)
 
 
 def merge_reports(reports: Sequence[WriterReport]) -> dict[str, ArrayRecord]:
@@ -118,16 +124,11 @@ def commit(
         metadata=dict(metadata or {}),
     )
     documents: dict[str, bytes] = {}
-    groups: set[str] = {""}
     for a in arrays.values():
-        segments = a.path.split("/")
-        groups.update("/".join(segments[:i]) for i in range(1, len(segments)))
-        if a.kind == "pieces":
-            groups.add(a.path)
         for i, part in enumerate(a.parts):
             documents[f"{a.part_key(i)}/{ZARR_JSON}"] = array_document(a, part, i)
-    for g in sorted(groups):
-        attrs = {"ckptd": {"format_version": manifest.format_version, "step": step}} if g == "" else {}
+    for g in sorted(checkpoint_groups(arrays.values())):  # verify.py checks the same set
+        attrs = root_attributes(manifest.format_version, step) if g == "" else {}
         documents[f"{g}/{ZARR_JSON}" if g else ZARR_JSON] = group_document(attrs)
     # Hundreds of small objects: write them concurrently (object stores answer in parallel).
     with ThreadPoolExecutor(16) as pool:

@@ -86,7 +86,12 @@ def choose_chunks(
             chunk[d] = 1
             continue
         rows = max(1, target // max(1, trailing))
-        chunk[d] = min(rows, cell[d]) if single[d] else _largest_divisor_at_most(cell[d], rows)
+        if single[d]:
+            # Prefer a divisor of the dimension (no padded edge chunk to copy) when one is close.
+            div = _largest_divisor_at_most(cell[d], rows)
+            chunk[d] = div if 2 * div >= min(rows, cell[d]) else min(rows, cell[d])
+        else:
+            chunk[d] = _largest_divisor_at_most(cell[d], rows)
         break
     grid = tuple(
         (-(-max(s, 1) // c) * c) if single[d] else cell[d]

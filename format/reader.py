@@ -8,6 +8,8 @@ fetched first and then only the needed chunks, with adjacent ranges coalesced.
 from __future__ import annotations
 
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +27,7 @@ from ckptd.format.tree import restore
 from ckptd.format.writer import shard_key
 
 WHOLE_SHARD_FRACTION = 0.5
+INDEX_CACHE_ENTRIES = 1024
 COALESCE_GAP = 1 << 20
 
 
@@ -35,6 +38,10 @@ class CheckpointReader:
         self.store = store
         self.manifest = manifest
         self.threads = threads
+        # Decoded shard indexes, so that many small reads of one shard (converters stream
+        # chunk by chunk) fetch its index once. Bounded; keyed by shard key.
+        self._indexes: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._index_lock = threading.Lock()
 
     def array(self, path: str) -> ArrayRecord:
         try:
@@ -126,14 +133,18 @@ class CheckpointReader:
             data_nbytes = rec.nbytes - geom.index_nbytes
             needed = [c for c in geom.chunks_overlapping(local_want) if not geom.chunk_box(c).is_empty()]
             whole: bytes | None = None
+            with self._index_lock:
+                index = self._indexes.get(key)
             if len(needed) >= WHOLE_SHARD_FRACTION * geom.nchunks:
                 whole = self._get(key, rec, 0, rec.nbytes)
-                index_raw: bytes | memoryview = memoryview(whole)[data_nbytes:]
-            else:
-                index_raw = self._get(key, rec, data_nbytes, rec.nbytes)
-            if crc32c(bytes(index_raw[:-4])) != rec.index_crc32c:
-                raise IntegrityError(f"{where}: shard index does not match the manifest checksum")
-            index = decode_index(index_raw, geom, where)
+                if index is None:
+                    index = self._check_index(memoryview(whole)[data_nbytes:], rec, geom, where)
+            elif index is None:
+                index = self._check_index(self._get(key, rec, data_nbytes, rec.nbytes), rec, geom, where)
+                with self._index_lock:
+                    self._indexes[key] = index
+                    if len(self._indexes) > INDEX_CACHE_ENTRIES:
+                        self._indexes.popitem(last=False)
             ranges = [(c, chunk_range(index, geom.flat_index(c), data_nbytes, where)) for c in needed]
             present = [(c, r) for c, r in ranges if r is not None]
             if whole is not None:
@@ -163,6 +174,14 @@ class CheckpointReader:
                 dest[_dest_slices(overlap, part, box)] = chunk[src]
 
         return run
+
+    @staticmethod
+    def _check_index(
+        raw: bytes | memoryview, rec: ShardRecord, geom: ShardGeometry, where: str
+    ) -> np.ndarray:
+        if crc32c(bytes(raw[:-4])) != rec.index_crc32c:
+            raise IntegrityError(f"{where}: shard index does not match the manifest checksum")
+        return decode_index(raw, geom, where)
 
     def _get(self, key: str, rec: ShardRecord, start: int, stop: int) -> bytes:
         (blob,) = self._get_ranges(key, rec, [(start, stop)])

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from ckptd.format.boxes import ShardBox, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.errors import IntegrityError
+from ckptd.format.store import StreamWriter
 
 EMPTY = 2**64 - 1
 INDEX_ENTRY = 16
@@ -130,3 +131,42 @@ def chunk_range(index: np.ndarray, flat: int, data_nbytes: int, where: str) -> t
     if n < 4 or off + n > data_nbytes:
         raise IntegrityError(f"{where}: chunk {flat} points outside the shard ({off}+{n} > {data_nbytes})")
     return off, off + n
+
+
+def stream_shard(
+    out: StreamWriter,
+    geom: ShardGeometry,
+    codec: CodecSpec,
+    itemsize: int,
+    read: Callable[[ShardBox], np.ndarray],
+) -> tuple[int, int]:
+    """Encode a shard chunk by chunk into ``out`` with memory bounded by one chunk.
+
+    ``read(box)`` returns the array's data for a global box (storage dtype). Chunks are
+    produced in C order, so the index (at the end) is known only when the data is
+    written — which is why Zarr puts it there. Returns ``(nbytes, index_crc32c)``.
+    """
+    index = np.full((geom.nchunks, 2), EMPTY, dtype="<u8")
+    pos = 0
+    for local in geom.all_chunks():
+        box = geom.chunk_box(local)
+        if box.is_empty():
+            continue
+        piece = read(box)
+        if box.shape != geom.chunk:
+            padded = np.zeros(geom.chunk, dtype=piece.dtype)
+            padded[tuple(slice(0, s) for s in box.shape)] = piece
+            piece = padded
+        piece = np.ascontiguousarray(piece)
+        parts = codec.encode(memoryview(piece.reshape(-1).view(np.uint8)), itemsize)
+        n = 0
+        for p in parts:
+            n += len(p)
+            out.write(p)
+        index[geom.flat_index(local)] = (pos, n)
+        pos += n
+    index_bytes = index.tobytes()
+    crc = crc32c(index_bytes)
+    out.write(index_bytes)
+    out.write(struct.pack("<I", crc))
+    return pos + len(index_bytes) + 4, crc

@@ -19,6 +19,14 @@ from typing import Protocol, runtime_checkable
 Buffer = bytes | bytearray | memoryview
 
 
+class StreamWriter(Protocol):
+    """``write`` pieces in order; ``close`` makes the object exist (and durable, as ``write``)."""
+
+    def write(self, data: Buffer, /) -> int: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 @runtime_checkable
 class Store(Protocol):
     @property
@@ -32,6 +40,10 @@ class Store(Protocol):
 
     def write(self, key: str, data: Sequence[Buffer]) -> int:
         """Write the concatenation of ``data`` to ``key``, replacing it; returns bytes written."""
+        ...
+
+    def open_write(self, key: str) -> StreamWriter:
+        """Stream an object of unknown size (converters): bounded memory however large it is."""
         ...
 
     def write_atomic(self, key: str, data: bytes) -> None:

@@ -18,7 +18,7 @@ from ckptd.format.manifest import ArrayRecord, Manifest
 from ckptd.format.shard import ShardGeometry, chunk_range, decode_index
 from ckptd.format.store import Store
 from ckptd.format.writer import shard_key
-from ckptd.format.zarr_meta import ZARR_JSON
+from ckptd.format.zarr_meta import ZARR_JSON, array_document, checkpoint_groups, root_attributes
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,10 @@ def verify(
     progress: Callable[[int], None] | None = None,
 ) -> list[Problem]:
     """Check every stored object of ``manifest`` in ``store`` (rooted at the checkpoint directory)."""
-    jobs: list[Callable[[], list[Problem]]] = []
+    jobs: list[Callable[[], list[Problem]]] = [
+        lambda g=g: _check_group_json(store, manifest, g)  # type: ignore[misc]
+        for g in sorted(checkpoint_groups(manifest.arrays.values()))
+    ]
     for a in manifest.arrays.values():
         for i in range(len(a.parts)):
             jobs.append(lambda a=a, i=i: _check_zarr_json(store, a, i))  # type: ignore[misc]
@@ -54,23 +57,47 @@ def verify(
     return problems
 
 
-def _check_zarr_json(store: Store, a: ArrayRecord, part_index: int) -> list[Problem]:
-    key = f"{a.part_key(part_index)}/{ZARR_JSON}"
+def _read_json(store: Store, array: str, key: str) -> tuple[object, list[Problem]]:
     try:
-        doc = json.loads(store.read(key))
-        part = a.parts[part_index]
-        if doc.get("shape") != list(part.shape):
-            return [
-                Problem(
-                    a.path, key, f"shape {doc.get('shape')} disagrees with the manifest {list(part.shape)}"
-                )
-            ]
-        if doc.get("data_type") != a.dtype.storage:
-            return [Problem(a.path, key, f"data_type {doc.get('data_type')!r} disagrees with the manifest")]
+        return json.loads(store.read(key)), []
     except FileNotFoundError:
-        return [Problem(a.path, key, "missing")]
-    except (ValueError, AttributeError) as e:
-        return [Problem(a.path, key, f"malformed Zarr metadata: {e}")]
+        return None, [Problem(array, key, "missing")]
+    except (ValueError, RecursionError) as e:
+        return None, [Problem(array, key, f"malformed Zarr metadata: {e}")]
+
+
+def _check_zarr_json(store: Store, a: ArrayRecord, part_index: int) -> list[Problem]:
+    """The array's zarr.json must say what the manifest says (shape, dtype, grid, codecs, attributes):
+    plain zarr-python and tensorstore trust it, so a damaged one would silently misread the data."""
+    key = f"{a.part_key(part_index)}/{ZARR_JSON}"
+    doc, problems = _read_json(store, a.path, key)
+    if problems:
+        return problems
+    if not isinstance(doc, dict):
+        return [Problem(a.path, key, "malformed Zarr metadata: not a JSON object")]
+    expected = json.loads(array_document(a, a.parts[part_index], part_index))
+    wrong = sorted(k for k in expected if k != "attributes" and doc.get(k) != expected[k])
+    attrs = doc.get("attributes")
+    ours = attrs.get("ckptd") if isinstance(attrs, dict) else None
+    want = expected["attributes"]["ckptd"]
+    if not isinstance(ours, dict) or any(ours.get(k) != v for k, v in want.items()):
+        wrong.append("attributes")
+    if wrong:
+        return [Problem(a.path, key, f"Zarr metadata disagrees with the manifest in {', '.join(wrong)}")]
+    return []
+
+
+def _check_group_json(store: Store, manifest: Manifest, group: str) -> list[Problem]:
+    key = f"{group}/{ZARR_JSON}" if group else ZARR_JSON
+    doc, problems = _read_json(store, group, key)
+    if problems:
+        return problems
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        return [Problem(group, key, "not a Zarr v3 group document")]
+    attrs = doc.get("attributes")
+    want = root_attributes(manifest.format_version, manifest.step)["ckptd"]
+    if group == "" and (not isinstance(attrs, dict) or attrs.get("ckptd") != want):
+        return [Problem(group, key, "root group attributes disagree with the manifest")]
     return []
 
 

@@ -8,6 +8,7 @@ committed checkpoint in its canonical global shape.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from ckptd.format.codecs import CodecSpec
@@ -15,6 +16,21 @@ from ckptd.format.dtypes import LogicalDType
 from ckptd.format.manifest import ArrayRecord, PartRecord
 
 ZARR_JSON = "zarr.json"
+
+
+def checkpoint_groups(arrays: Iterable[ArrayRecord]) -> set[str]:
+    """Paths of every Zarr group of a checkpoint ("" is the root): parents of arrays, and pieces arrays."""
+    groups: set[str] = {""}
+    for a in arrays:
+        segments = a.path.split("/")
+        groups.update("/".join(segments[:i]) for i in range(1, len(segments)))
+        if a.kind == "pieces":
+            groups.add(a.path)
+    return groups
+
+
+def root_attributes(format_version: int, step: int) -> dict[str, Any]:
+    return {"ckptd": {"format_version": format_version, "step": step}}
 
 
 def group_document(attributes: dict[str, Any] | None = None) -> bytes:

@@ -61,6 +61,12 @@ class FsspecStore:
             raise self._wrap(f"writing {key}", e) from e
         return len(blob)
 
+    def open_write(self, key: str) -> _FsspecStream:
+        try:
+            return _FsspecStream(self.fs.open(self._path(key), "wb", block_size=32 * 2**20), self, key)
+        except Exception as e:
+            raise self._wrap(f"opening {key} for writing", e) from e
+
     def write_atomic(self, key: str, data: bytes) -> None:
         # A single PUT is atomic on S3 and every object store; memory:// is atomic per call.
         self.write(key, [data])
@@ -162,3 +168,32 @@ def _mtime_of(info: dict[str, Any]) -> float | None:
         if isinstance(v, int | float):
             return float(v)
     return None
+
+
+class _FsspecStream:
+    """fsspec's buffered writer: multipart upload on S3, the object appears on close."""
+
+    def __init__(self, f: Any, store: FsspecStore, key: str) -> None:
+        self._f, self._store, self._key = f, store, key
+
+    def write(self, data: Buffer, /) -> int:
+        try:
+            return int(self._f.write(data))
+        except Exception as e:
+            self.abort()
+            raise self._store._wrap(f"writing {self._key}", e) from e
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except Exception as e:
+            raise self._store._wrap(f"writing {self._key}", e) from e
+
+    def abort(self) -> None:
+        try:
+            if hasattr(self._f, "discard"):
+                self._f.discard()
+            else:
+                self._f.close()
+        except Exception:  # aborting is best effort; the uncommitted object is garbage-collected
+            pass

@@ -83,6 +83,11 @@ class LocalStore:
             raise StorageError(f"writing {path} failed{hint}: {e.strerror or e}") from e
         return total
 
+    def open_write(self, key: str) -> _LocalStream:
+        path = self._path(key)
+        self._makedirs(path.parent)
+        return _LocalStream(self, path)
+
     def flush(self) -> None:
         if not self.fsync:
             return
@@ -210,3 +215,30 @@ def _fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _LocalStream:
+    def __init__(self, store: LocalStore, path: Path) -> None:
+        self._store, self._path = store, path
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by close()/abort()
+
+    def write(self, data: Buffer, /) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.abort()
+            raise StorageError(f"writing {self._path} failed: {e.strerror or e}") from e
+
+    def close(self) -> None:
+        try:
+            self._f.flush()
+            if self._store.fsync:
+                os.fdatasync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            self.abort()
+            raise StorageError(f"writing {self._path} failed: {e.strerror or e}") from e
+
+    def abort(self) -> None:
+        self._f.close()
+        self._path.unlink(missing_ok=True)

@@ -19,13 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
 from ckptd.api.app import create_app
 from ckptd.api.db import normalise_url
 from ckptd.api.services.jobs import ConversionTask
 from ckptd.api.settings import CatalogSettings
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 TOKEN = "test-token-" + "x" * 16
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -94,7 +93,11 @@ def write_conversion(task: ConversionTask) -> dict[str, Any]:
         raise RuntimeError("tp=3 does not divide the heads")  # lets tests exercise a failing job
     out = Path(task.output_uri)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"arrays": sorted(task.layout.get("arrays", {})), "mesh": task.target_mesh, "source": task.source_uri}
+    report = {
+        "arrays": sorted(task.layout.get("arrays", {})),
+        "mesh": task.target_mesh,
+        "source": task.source_uri,
+    }
     (out / "conversion.json").write_text(json.dumps(report))
     return {"written": str(out / "conversion.json"), "arrays": len(report["arrays"])}
 
@@ -149,11 +152,24 @@ def layout(mesh: dict[str, int] | None = None) -> dict[str, Any]:
     return {
         "mesh": mesh or {"dp": 2, "tp": 2},
         "arrays": {
-            "model/emb.weight": {"dtype": "bfloat16", "shape": [8, 4], "layout": {"partition": [["tp"], []]}, "nbytes": 64},
-            "model/ln.bias": {"dtype": "float32", "shape": [4], "layout": {"partition": [], "replicated": ["dp", "tp"]},
-                              "nbytes": 16},
-            "model/head.weight": {"dtype": "bfloat16", "shape": [8, 4],
-                                  "layout": {"partition": [["tp"], []], "alias_of": "model/emb.weight"}, "nbytes": 64},
+            "model/emb.weight": {
+                "dtype": "bfloat16",
+                "shape": [8, 4],
+                "layout": {"partition": [["tp"], []]},
+                "nbytes": 64,
+            },
+            "model/ln.bias": {
+                "dtype": "float32",
+                "shape": [4],
+                "layout": {"partition": [], "replicated": ["dp", "tp"]},
+                "nbytes": 16,
+            },
+            "model/head.weight": {
+                "dtype": "bfloat16",
+                "shape": [8, 4],
+                "layout": {"partition": [["tp"], []], "alias_of": "model/emb.weight"},
+                "nbytes": 64,
+            },
         },
     }
 

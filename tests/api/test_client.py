@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import httpx
-
 from ckptd.api.client import CatalogClient, ClientConfig
+
 from tests.api.conftest import TOKEN, LiveServer, layout, unique
 
 
@@ -18,18 +18,26 @@ def test_engine_flow_against_a_live_catalog(live: LiveServer, tmp_path: Path) ->
     root = str(tmp_path / run)
     with CatalogClient(ClientConfig(base_url=live.url, token=TOKEN)) as client:
         assert client.register_run(run, roots={"local": root})
-        ref = client.register_checkpoint(run, 100, locations={"local": f"{root}/step_0000000100"},
-                                         layout=layout(), metrics={"loss": 1.5})
+        ref = client.register_checkpoint(
+            run, 100, locations={"local": f"{root}/step_0000000100"}, layout=layout(), metrics={"loss": 1.5}
+        )
         assert ref is not None and ref.state == "pending"
         assert client.mark_committed(ref.id, nbytes=144)
         failed = client.register_checkpoint(run, 200)
         assert failed is not None and client.mark_failed(failed.id, "rank 2 lost its GPU")
         latest = client.resolve(run, "latest")
-        assert latest is not None and latest.step == 100 and latest.locations["local"].endswith("step_0000000100")
+        assert (
+            latest is not None
+            and latest.step == 100
+            and latest.locations["local"].endswith("step_0000000100")
+        )
         assert client.resolve(run, "best:loss") == latest
         assert client.rollback_pointer(run) is None
-        httpx.post(f"{live.url}/api/v1/runs/{run}/rollback", json={"select": "step:100"},
-                   headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
+        httpx.post(
+            f"{live.url}/api/v1/runs/{run}/rollback",
+            json={"select": "step:100"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ).raise_for_status()
         pointer = client.rollback_pointer(run)
         assert pointer is not None and pointer.checkpoint.id == ref.id
         assert client.acknowledge_rollback(run) and client.rollback_pointer(run) is None
@@ -44,8 +52,14 @@ def _free_port() -> int:
 
 
 def test_catalog_down_never_raises_and_gives_up_within_the_deadline() -> None:
-    config = ClientConfig(base_url=f"http://127.0.0.1:{_free_port()}", token=TOKEN, retries=3,
-                          backoff_s=0.01, timeout_s=0.5, deadline_s=2.0)
+    config = ClientConfig(
+        base_url=f"http://127.0.0.1:{_free_port()}",
+        token=TOKEN,
+        retries=3,
+        backoff_s=0.01,
+        timeout_s=0.5,
+        deadline_s=2.0,
+    )
     with CatalogClient(config) as client:
         start = time.monotonic()
         assert client.register_run("r") is False

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
-
 from ckptd.api.db import Database
 from ckptd.api.models import Base
+from sqlalchemy import inspect
+
 from tests.api.conftest import FreshDatabases
 
-TABLES = {"runs", "checkpoints", "checkpoint_metrics", "checkpoint_tags", "locations", "aliases", "rollbacks",
-          "conversion_jobs", "alembic_version"}
+TABLES = {
+    "runs",
+    "checkpoints",
+    "checkpoint_metrics",
+    "checkpoint_tags",
+    "locations",
+    "aliases",
+    "rollbacks",
+    "conversion_jobs",
+    "alembic_version",
+}
 
 
 def test_upgrade_from_empty_and_round_trip(databases: FreshDatabases) -> None:

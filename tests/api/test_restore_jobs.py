@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from ckptd.format.layout import TensorLayout, mesh_coords
+
 from tests.api.conftest import add_checkpoint, layout, make_run
 
 V1 = "/api/v1"
@@ -35,7 +35,9 @@ def test_restore_plan_matches_the_format_layout_for_every_rank(api: httpx.Client
         assert reads["model/head.weight"]["uri"] == f"{base}/model/emb.weight"  # tied: stored once
     one = api.get(f"{V1}/checkpoints/{ckpt['id']}/restore-plan", params={"tp": 4, "dp": 2, "rank": 5}).json()
     assert [r["rank"] for r in one["ranks"]] == [5]
-    assert api.get(f"{V1}/checkpoints/{ckpt['id']}/restore-plan", params={"tp": 2, "rank": 2}).status_code == 422
+    assert (
+        api.get(f"{V1}/checkpoints/{ckpt['id']}/restore-plan", params={"tp": 2, "rank": 2}).status_code == 422
+    )
     assert api.get(f"{V1}/checkpoints/{ckpt['id']}/restore-plan", params={"tp": 0}).status_code == 422
 
 
@@ -43,8 +45,9 @@ def test_restore_plan_needs_a_committed_persistent_checkpoint(api: httpx.Client,
     run = make_run(api, tmp_path)
     pending = add_checkpoint(api, run, 1, root=tmp_path, commit=False, layout=layout())
     assert api.get(f"{V1}/checkpoints/{pending['id']}/restore-plan").status_code == 409
-    memory_only = add_checkpoint(api, run, 2, layout=layout(),
-                                 locations=[{"tier": "memory", "uri": "memory://host/pid"}])
+    memory_only = add_checkpoint(
+        api, run, 2, layout=layout(), locations=[{"tier": "memory", "uri": "memory://host/pid"}]
+    )
     assert api.get(f"{V1}/checkpoints/{memory_only['id']}/restore-plan").status_code == 409
     assert api.get(f"{V1}/checkpoints/2147483647/restore-plan").status_code == 404
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import schemathesis
+from ckptd.api.services.jobs import ConversionTask
 from hypothesis import HealthCheck, given, settings
 
-from ckptd.api.services.jobs import ConversionTask
 from tests.api.conftest import AUTH, FreshDatabases, start_server
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -50,8 +50,13 @@ def test_no_server_errors_and_mutations_need_the_token(api_schema: Any, fuzzed_s
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=12,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         def check(case: Any) -> None:
             response = case.call(base_url=fuzzed_server, headers=dict(AUTH), timeout=30)
             where = f"{case.method} {case.formatted_path}"

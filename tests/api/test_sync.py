@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-
 from ckptd.api.db import Database
 from ckptd.api.services.sync import ManifestRecord, reconcile
+
 from ckptd.cli.main import main
 from tests.api.conftest import FreshDatabases, add_checkpoint, make_run, unique
 
@@ -24,8 +24,14 @@ def manifest(step: int, **metadata: Any) -> dict[str, Any]:
         "created_at": "2026-01-01T00:00:00Z",
         "mesh": {"tp": 2},
         "nbytes": 64,
-        "arrays": {"model/w": {"dtype": "float32", "shape": [4, 4], "layout": {"partition": [["tp"], []]},
-                               "nbytes": 64}},
+        "arrays": {
+            "model/w": {
+                "dtype": "float32",
+                "shape": [4, 4],
+                "layout": {"partition": [["tp"], []]},
+                "nbytes": 64,
+            }
+        },
         "metadata": metadata,
     }
 
@@ -34,12 +40,16 @@ def test_reconcile_from_json_fixtures(databases: FreshDatabases, tmp_path: Path)
     db = Database(databases.new())
     db.upgrade()
     root = str(tmp_path / "runA")
-    records = [ManifestRecord(s, f"{root}/step_{s:010d}", manifest(s, metrics={"loss": 1.0 / (s + 1)}, tags=["t"]))
-               for s in (10, 20, 30)]
+    records = [
+        ManifestRecord(s, f"{root}/step_{s:010d}", manifest(s, metrics={"loss": 1.0 / (s + 1)}, tags=["t"]))
+        for s in (10, 20, 30)
+    ]
     hostile = ManifestRecord(40, "/etc/passwd-dir", manifest(40))
     nonfinite = ManifestRecord(50, f"{root}/step_0000000050", manifest(50, metrics={"loss": float("inf")}))
     with db.session() as s:
-        report = reconcile(s, run_name="runA", tier="local", root=root, records=[*records, hostile, nonfinite])
+        report = reconcile(
+            s, run_name="runA", tier="local", root=root, records=[*records, hostile, nonfinite]
+        )
     assert report.added == [10, 20, 30, 50] and list(report.rejected) == ["40"]
     with db.session() as s:
         again = reconcile(s, run_name="runA", tier="local", root=root, records=records[:2])
@@ -49,9 +59,9 @@ def test_reconcile_from_json_fixtures(databases: FreshDatabases, tmp_path: Path)
 
 def _write_real_checkpoint(root: Path, step: int, loss: float) -> None:
     import torch
-
     from ckptd.format.run import Run
     from ckptd.format.writer import CheckpointWriter
+
     from ckptd.storage import open_store
 
     run = Run(open_store(str(root), fsync=False))
@@ -60,13 +70,16 @@ def _write_real_checkpoint(root: Path, step: int, loss: float) -> None:
     run.commit(step, [writer.finish()], state={}, metadata={"metrics": {"loss": loss}, "tags": ["real"]})
 
 
-def test_catalog_down_then_sync_recovers_every_committed_checkpoint(api: httpx.Client, tmp_path: Path) -> None:
+def test_catalog_down_then_sync_recovers_every_committed_checkpoint(
+    api: httpx.Client, tmp_path: Path
+) -> None:
     """The engine could register step 1 but the catalog was down for steps 2 and 3: sync fills the gap."""
     pytest.importorskip("torch")
     run = make_run(api, tmp_path)
     root = tmp_path / run
-    pending = add_checkpoint(api, run, 1, commit=False,
-                             locations=[{"tier": "local", "uri": str(root / "step_0000000001")}])
+    pending = add_checkpoint(
+        api, run, 1, commit=False, locations=[{"tier": "local", "uri": str(root / "step_0000000001")}]
+    )
     for step, loss in [(1, 3.0), (2, 2.0), (3, 1.0)]:
         _write_real_checkpoint(root, step, loss)
     (root / "step_0000000004").mkdir()  # a crashed attempt: no manifest, not a checkpoint

@@ -115,8 +115,8 @@ def test_same_layout_resume_is_bit_exact() -> None:
 def test_from_canonical_rejects_missing_and_misshapen_boxes() -> None:
     trainer = Trainer(train_config({}), ParallelContext())
     full = {p: torch.zeros(s.shape, dtype=s.dtype) for p, s in trainer.adapter.specs().items()}
-    with pytest.raises(KeyError, match="model/final_norm.weight"):
+    with pytest.raises(KeyError, match=r"model/final_norm\.weight"):
         trainer.adapter.from_canonical({p: t for p, t in full.items() if p != "model/final_norm.weight"})
     full["model/final_norm.weight"] = torch.zeros(63)
-    with pytest.raises(ValueError, match="final_norm.weight"):
+    with pytest.raises(ValueError, match=r"final_norm\.weight"):
         trainer.adapter.from_canonical(full)

@@ -1,0 +1,289 @@
+"""W4: the REST catalog under load (see shared BENCHMARKS.md).
+
+10,000 checkpoints across 100 runs; list, filter and paginate endpoints under 50 concurrent
+clients on loopback; SQLite and (when a URL is given) PostgreSQL. The server runs in its own
+process (``uvicorn --factory ckptd.api.app:create_app``, one worker) so the load generator does
+not share its interpreter; both share this machine's cores, which the results record.
+
+    python benchmarks/catalog_bench.py [--postgres URL] [--seconds 10] [--clients 50]
+
+Prints one JSON line per (backend, workload) and writes them, with the machine description,
+to ``benchmarks/results/catalog-<timestamp>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from ckptd.api.db import Database, normalise_url
+from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run
+
+RUNS, PER_RUN = 100, 100
+TOKEN = "bench-token-" + "x" * 16
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from machine import describe  # benchmarks/machine.py: the shared machine description
+
+    info: dict[str, Any] = describe()
+    try:
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def seed(url: str) -> None:
+    """100 runs x 100 checkpoints with metrics, tags and tier locations, inserted in bulk."""
+    db = Database(url)
+    db.upgrade()
+    rng = random.Random(0)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    with db.session() as s:
+        runs = [
+            Run(
+                name=f"run-{r:03d}",
+                roots={"local": f"/ckpt/run-{r:03d}", "remote": f"s3://bench/run-{r:03d}"},
+                config={"lr": 3e-4},
+                retention={"keep_last": 10},
+                created_at=t0 + timedelta(minutes=r),
+            )
+            for r in range(RUNS)
+        ]
+        s.add_all(runs)
+        s.flush()
+        for run in runs:
+            for i in range(PER_RUN):
+                step = (i + 1) * 500
+                ckpt = Checkpoint(
+                    run_id=run.id,
+                    step=step,
+                    state="committed" if i % 17 else "failed",
+                    nbytes=1_500_000_000 + i,
+                    created_at=t0 + timedelta(seconds=step),
+                    committed_at=t0 + timedelta(seconds=step + 5),
+                    layout={"mesh": {"tp": 2, "dp": 4}, "arrays": {}},
+                )
+                ckpt.metrics = [
+                    CheckpointMetric(name="loss", value=3.0 * 0.999**i + rng.random() * 0.05),
+                    CheckpointMetric(name="val_loss", value=3.1 * 0.999**i + rng.random() * 0.05),
+                ]
+                ckpt.tags = [CheckpointTag(tag="even")] if i % 2 == 0 else []
+                ckpt.locations = [Location(tier="local", uri=f"/ckpt/{run.name}/step_{step:010d}")]
+                if i % 10 == 0:
+                    ckpt.locations.append(
+                        Location(tier="remote", uri=f"s3://bench/{run.name}/step_{step:010d}")
+                    )
+                s.add(ckpt)
+    db.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(url: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "CKPTD_DATABASE_URL": url, "CKPTD_API_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "ckptd.api.app:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("catalog server did not start")
+
+
+def workloads() -> dict[str, Any]:
+    rng = random.Random(1)
+
+    def run() -> str:
+        return f"run-{rng.randrange(RUNS):03d}"
+
+    async def list_page(c: httpx.AsyncClient) -> int:
+        (await c.get("/api/v1/checkpoints", params={"run": run(), "limit": 50})).raise_for_status()
+        return 1
+
+    async def filter_sort(c: httpx.AsyncClient) -> int:
+        params = {"run": run(), "state": "committed", "tag": "even", "sort": "metric:val_loss", "limit": 20}
+        (await c.get("/api/v1/checkpoints", params=params)).raise_for_status()
+        return 1
+
+    async def paginate(c: httpx.AsyncClient) -> int:
+        """Walk every page of a run (limit 25: 4 pages + the cursor chain)."""
+        params: dict[str, Any] = {"run": run(), "limit": 25, "sort": "step"}
+        n = 0
+        while True:
+            r = await c.get("/api/v1/checkpoints", params=params)
+            r.raise_for_status()
+            n += 1
+            cursor = r.json()["next_cursor"]
+            if not cursor:
+                return n
+            params["cursor"] = cursor
+
+    async def global_filter(c: httpx.AsyncClient) -> int:
+        params = {"tier": "remote", "min_step": rng.randrange(0, 40_000), "sort": "-step", "limit": 50}
+        (await c.get("/api/v1/checkpoints", params=params)).raise_for_status()
+        return 1
+
+    async def runs_list(c: httpx.AsyncClient) -> int:
+        (await c.get("/api/v1/runs", params={"limit": 100})).raise_for_status()
+        return 1
+
+    return {
+        "list_run_page": list_page,
+        "filter_sort_metric": filter_sort,
+        "paginate_run": paginate,
+        "filter_all_runs": global_filter,
+        "list_runs": runs_list,
+    }
+
+
+async def load(base: str, op: Any, clients: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    requests = errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as c:
+        await op(c)  # warm-up
+        stop = time.perf_counter() + seconds
+        start = time.perf_counter()
+
+        async def client() -> None:
+            nonlocal requests, errors
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    n = await op(c)
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                latencies.append((time.perf_counter() - t) / n)  # per request
+                requests += n
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return {
+        "requests": requests,
+        "errors": errors,
+        "req_per_s": round(requests / elapsed, 1),
+        "p50_ms": round(q[49] * 1000, 2),
+        "p99_ms": round(q[98] * 1000, 2),
+        "seconds": round(elapsed, 2),
+    }
+
+
+def bench_backend(kind: str, url: str, args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
+    t = time.perf_counter()
+    seed(url)
+    seeded = time.perf_counter() - t
+    proc, base = start_server(url)
+    try:
+        for name, op in workloads().items():
+            result = asyncio.run(load(base, op, args.clients, args.seconds))
+            line = {
+                "bench": "W4",
+                "system": "ckptd",
+                "backend": kind,
+                "workload": name,
+                "clients": args.clients,
+                "runs": RUNS,
+                "checkpoints": RUNS * PER_RUN,
+                "seed_s": round(seeded, 1),
+                **result,
+            }
+            print(json.dumps(line), flush=True)
+            out.append(line)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def fresh_postgres_db(url: str) -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"ckptd_bench_{int(time.time())}"
+    admin = create_engine(normalise_url(url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(normalise_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("CKPTD_TEST_POSTGRES_URL"),
+        help="PostgreSQL URL (a fresh database is created on that server)",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each workload")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
+    args = parser.parse_args()
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_backend("sqlite", f"sqlite:///{tmp}/catalog.db", args, out)
+    if args.postgres:
+        bench_backend("postgresql", fresh_postgres_db(args.postgres), args, out)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS / f"catalog-{stamp}.jsonl"
+        lines = [
+            {"machine": machine(), "note": "server (1 uvicorn worker) and load generator share the cores"},
+            *out,
+        ]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``ckptd convert``: reshard a checkpoint to another parallel layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ckptd.format.codecs import CodecSpec
+from ckptd.format.errors import LayoutError
+from ckptd.format.run import Run
+from ckptd.storage import open_store
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"tp=4,pp=1,dp=2"`` -> ``{"tp": 4, "pp": 1, "dp": 2}``."""
+    mesh: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise LayoutError(f"bad mesh entry {item!r}: expected AXIS=SIZE with SIZE >= 1, e.g. tp=4,dp=2")
+        mesh[name] = int(value)
+    return mesh
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("convert", help="reshard a checkpoint to another parallel layout (streams chunks)")
+    p.add_argument("src", help="source run root")
+    p.add_argument("dst", help="destination run root (may be the same as the source with --dst-step)")
+    p.add_argument("--mesh", required=True, type=parse_mesh, help="target mesh, e.g. tp=4,pp=1,dp=2")
+    p.add_argument("--step", type=int, default=None, help="source step (default: latest)")
+    p.add_argument("--dst-step", type=int, default=None, help="destination step (default: the source step)")
+    p.add_argument(
+        "--codec", default=None, help="chunk codec for the output, e.g. none, zstd:3 (default: keep)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ckptd.converters.reshard import reshard
+
+    src, dst = Run(open_store(args.src)), Run(open_store(args.dst))
+    step = args.step if args.step is not None else src.latest()
+    total = src.manifest(step).nbytes if step is not None else 0
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="convert",
+        file=sys.stderr,
+        disable=args.quiet or not sys.stderr.isatty(),
+    ) as bar:
+        result = reshard(
+            src,
+            dst,
+            mesh=args.mesh,
+            step=step,
+            dst_step=args.dst_step,
+            codec=CodecSpec.parse(args.codec) if args.codec else None,
+            overwrite=args.overwrite,
+            progress=bar.update,
+        )
+    m = result.manifest
+    print(
+        f"wrote step {m.step} to {dst.url} for mesh {dict(m.mesh)}: {len(m.arrays)} arrays, "
+        f"{m.stored_bytes} bytes"
+    )
+    return 0
