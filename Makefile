@@ -31,7 +31,8 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ckptd format converters api training tests benchmarks
-	$(BIN)/mypy -p ckptd
+	# from outside the checkout: ./ckptd would otherwise hide the folders mapped into ckptd.*
+	cd /tmp && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ckptd
 
 typecheck: lint
 

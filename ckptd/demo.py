@@ -37,11 +37,11 @@ def run() -> int:
                 "model": model,
                 "optim": opt,
                 "step": step,
-                "loss": float(loss),
+                "loss": loss.item(),
                 "bf16_copy": first.weight.detach().bfloat16(),
             }
-            ckptd.save(state, str(root), step=step, metadata={"metrics": {"loss": float(loss)}})
-            print(f"step {step}: loss {float(loss):.4f} -> saved checkpoint")
+            ckptd.save(state, str(root), step=step, metadata={"metrics": {"loss": loss.item()}})
+            print(f"step {step}: loss {loss.item():.4f} -> saved checkpoint")
 
     banner("ckptd ls")
     cli(["ls", str(root)])

@@ -137,16 +137,11 @@ def _convert_array(
                     continue
                 geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
                 stream = out_store.open_write(shard_key(key, coords))
+                def read_part(b: ShardBox, off: tuple[int, ...] = part.offset) -> np.ndarray:
+                    return read(ShardBox(tuple(o + po for o, po in zip(b.offset, off, strict=True)), b.shape))
+
                 try:
-                    nbytes, crc = stream_shard(
-                        stream,
-                        geom,
-                        codec,
-                        a.dtype.itemsize,
-                        lambda b, off=part.offset: read(
-                            ShardBox(tuple(o + po for o, po in zip(b.offset, off, strict=True)), b.shape)
-                        ),
-                    )
+                    nbytes, crc = stream_shard(stream, geom, codec, a.dtype.itemsize, read_part)
                     stream.close()
                 except BaseException:
                     stream.abort()

@@ -11,8 +11,10 @@ how a *particular* parallel layout partitions it, so that
 Mesh axes are named (``dp``, ``tp``, ``pp``, ``ep``, ...). A dimension split by several
 axes lists them outermost first: ``partition=(("tp", "dp"), ())`` splits dim 0 into
 ``tp`` blocks, each of them into ``dp`` blocks (tensor parallel, then ZeRO).
-Splits use ceil division so the boxes of all ranks form a regular grid (the last
-blocks may be short or empty) — the property that makes a writer's box a Zarr shard.
+Each split uses ceil division, so boxes form a regular grid whenever the inner sizes
+divide evenly (the usual case: the last blocks may be short or empty) — the property
+that makes a writer's box a Zarr shard. Otherwise the storage plan refines the grid
+or stores explicit pieces (SPEC.md §5).
 """
 
 from __future__ import annotations
@@ -94,16 +96,17 @@ class TensorLayout:
         extent: list[int] = []
         for d, size in enumerate(shape):
             axes = self.partition[d] if self.partition else ()
-            parts, index = 1, 0
+            # Nested splits, outermost axis first: tp blocks, then each block into dp parts
+            # (what Megatron-style TP followed by ZeRO sharding does).
+            start, length = 0, self.padded_size(d, size)
             for a in axes:
                 if a not in mesh or a not in coords:
                     raise LayoutError(f"mesh axis {a!r} is not part of the mesh {dict(mesh)}")
                 n = int(mesh[a])
                 if not 0 <= coords[a] < n:
                     raise LayoutError(f"coordinate {a}={coords[a]} outside mesh size {n}")
-                parts, index = parts * n, index * n + int(coords[a])
-            padded = self.padded_size(d, size)
-            start, length = split_evenly(padded, parts, index)
+                sub_start, length = split_evenly(length, n, int(coords[a]))
+                start += sub_start
             stop = min(size, start + length)
             start = min(start, size)
             offset.append(start)

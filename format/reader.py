@@ -132,7 +132,7 @@ class CheckpointReader:
                 raise IntegrityError(f"{where}: recorded size {rec.nbytes} is smaller than its index")
             data_nbytes = rec.nbytes - geom.index_nbytes
             needed = [c for c in geom.chunks_overlapping(local_want) if not geom.chunk_box(c).is_empty()]
-            whole: bytes | None = None
+            whole: bytes | memoryview | None = None
             with self._index_lock:
                 index = self._indexes.get(key)
             if len(needed) >= WHOLE_SHARD_FRACTION * geom.nchunks:
@@ -147,6 +147,7 @@ class CheckpointReader:
                         self._indexes.popitem(last=False)
             ranges = [(c, chunk_range(index, geom.flat_index(c), data_nbytes, where)) for c in needed]
             present = [(c, r) for c, r in ranges if r is not None]
+            blobs: list[bytes | memoryview]
             if whole is not None:
                 wv = memoryview(whole)
                 blobs = [wv[r[0] : r[1]] for _, r in present]
@@ -183,11 +184,13 @@ class CheckpointReader:
             raise IntegrityError(f"{where}: shard index does not match the manifest checksum")
         return decode_index(raw, geom, where)
 
-    def _get(self, key: str, rec: ShardRecord, start: int, stop: int) -> bytes:
+    def _get(self, key: str, rec: ShardRecord, start: int, stop: int) -> bytes | memoryview:
         (blob,) = self._get_ranges(key, rec, [(start, stop)])
         return blob
 
-    def _get_ranges(self, key: str, rec: ShardRecord, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def _get_ranges(
+        self, key: str, rec: ShardRecord, ranges: list[tuple[int, int]]
+    ) -> list[bytes | memoryview]:
         if not ranges:
             return []
         merged = _coalesce(ranges)
@@ -199,7 +202,7 @@ class CheckpointReader:
             raise
         except OSError as e:
             raise StorageError(f"reading {key} from {self.store.url} failed: {e}") from e
-        out: list[bytes] = [b""] * len(ranges)
+        out: list[bytes | memoryview] = [b""] * len(ranges)
         for (start, stop, members), blob in zip(merged, fetched, strict=True):
             if len(blob) != stop - start:
                 raise IntegrityError(
@@ -207,8 +210,8 @@ class CheckpointReader:
                 )
             mv = memoryview(blob)
             for i in members:
-                s, e = ranges[i]
-                out[i] = mv[s - start : e - start]  # type: ignore[assignment]
+                lo, hi = ranges[i]
+                out[i] = mv[lo - start : hi - start]
         return out
 
     def restore(self, state: Any) -> Any:

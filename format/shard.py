@@ -101,7 +101,7 @@ def encode_shard(data: np.ndarray, geom: ShardGeometry, codec: CodecSpec) -> Enc
             piece = padded
         elif not piece.flags.c_contiguous:
             piece = np.ascontiguousarray(piece)
-        parts = codec.encode(memoryview(piece.reshape(-1).view(np.uint8)), itemsize)
+        parts = codec.encode(_bytes_view(piece), itemsize)
         n = sum(len(p) for p in parts)
         index[geom.flat_index(local)] = (pos, n)
         buffers.extend(parts)
@@ -158,7 +158,7 @@ def stream_shard(
             padded[tuple(slice(0, s) for s in box.shape)] = piece
             piece = padded
         piece = np.ascontiguousarray(piece)
-        parts = codec.encode(memoryview(piece.reshape(-1).view(np.uint8)), itemsize)
+        parts = codec.encode(_bytes_view(piece), itemsize)
         n = 0
         for p in parts:
             n += len(p)
@@ -170,3 +170,8 @@ def stream_shard(
     out.write(index_bytes)
     out.write(struct.pack("<I", crc))
     return pos + len(index_bytes) + 4, crc
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without copying."""
+    return memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]

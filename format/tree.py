@@ -30,7 +30,7 @@ class Stateful(Protocol):
 def flatten(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Split a state into a JSON skeleton and ``{array path: tensor}``."""
     tensors: dict[str, torch.Tensor] = {}
-    seen_storage: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    seen_storage: dict[tuple[Any, ...], str] = {}
 
     def walk(value: Any, path: tuple[str, ...]) -> Any:
         if len(path) > MAX_DEPTH:

@@ -87,8 +87,10 @@ def test_sigterm_leaves_a_durable_checkpoint_of_the_step_reached(tmp_path: Path)
     assert proc.wait(timeout=60) == 143, tail
     printed = [int(line.split()[1]) for line in tail.splitlines() if line.startswith("step ")]
     last = printed[-1] if printed else 5
-    assert ckptd.open_run(str(run)).steps() == [last]
-    check_consistent(run, last)
+    steps = ckptd.open_run(str(run)).steps()
+    # the signal lands after "step N" is printed and is acted on at the boundary of step N or N + 1
+    assert len(steps) == 1 and steps[0] in (last, last + 1)
+    check_consistent(run, steps[0])
 
 
 def test_sigusr1_checkpoints_and_training_goes_on(tmp_path: Path) -> None:
