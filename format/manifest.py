@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ckptd.format.boxes import ShardBox, check_tiling
 from ckptd.format.codecs import CodecSpec
 from ckptd.format.dtypes import LogicalDType, logical_dtype
-from ckptd.format.errors import MetadataError, UnsupportedFormatError
+from ckptd.format.errors import LayoutError, MetadataError, UnsupportedFormatError
 from ckptd.format.layout import TensorLayout
 from ckptd.format.names import check_array_path, check_segment
 
@@ -155,7 +156,7 @@ def loads(raw: bytes, where: str = "manifest.json") -> Manifest:
     try:
         return parse(doc)
     except MetadataError as e:
-        raise MetadataError(f"{where}: {e}") from e
+        raise type(e)(f"{where}: {e}") from e  # keep the leaf (UnsafeNameError) for callers who catch it
     except RecursionError as e:
         raise MetadataError(f"{where}: nested too deeply") from e
 
@@ -176,6 +177,8 @@ def parse(doc: Any) -> Manifest:
         )
     arrays_doc = _obj(d.get("arrays"), "arrays")
     arrays = {check_array_path(p): _array(p, a) for p, a in arrays_doc.items()}
+    for a in arrays.values():
+        _check_complete(a)
     mesh_doc = _obj(d.get("mesh", {}), "mesh")
     mesh = {check_segment(k): _int(v, f"mesh.{k}", lo=1) for k, v in mesh_doc.items()}
     state = _obj(d.get("state"), "state")
@@ -190,6 +193,24 @@ def parse(doc: Any) -> Manifest:
         metadata=_obj(d.get("metadata", {}), "metadata"),
         format_version=version,
     )
+
+
+def _check_complete(a: ArrayRecord) -> None:
+    """A committed array lists every shard it has: readers and ``verify`` rely on it, and
+    without it a reader would return unwritten memory for the gap."""
+    if a.kind == "pieces":
+        if any(len(p.shards) != 1 for p in a.parts):
+            raise MetadataError(f"array {a.path}: every piece has exactly one shard")
+        try:
+            check_tiling(a.shape, [ShardBox(p.offset, p.shape) for p in a.parts])
+        except LayoutError as e:
+            raise MetadataError(f"array {a.path}: its pieces do not tile it: {e}") from e
+        return
+    (part,) = a.parts
+    # coordinates are unique and inside the grid (see _part), so the count decides
+    ncells = math.prod(-(-s // g) for s, g in zip(part.shape, part.grid, strict=True))
+    if len(part.shards) != ncells:
+        raise MetadataError(f"array {a.path}: the manifest lists {len(part.shards)} of its {ncells} shards")
 
 
 def _array(path: str, doc: Any) -> ArrayRecord:

@@ -71,7 +71,12 @@ class CheckpointReader:
             assert out is not None
             dest = tensor_to_numpy(out)
         else:
-            dest = np.empty(box.shape, dtype=a.dtype.numpy_storage)
+            try:
+                dest = np.empty(box.shape, dtype=a.dtype.numpy_storage)
+            except (MemoryError, ValueError) as e:  # a shape from a hostile or damaged manifest
+                raise CheckpointError(
+                    f"{path}: cannot allocate {list(box.shape)} {a.dtype.name} elements to read into: {e}"
+                ) from e
         self._fill(a, box, dest)
         result = numpy_to_tensor(dest, a.dtype)
         if out is None:
@@ -106,8 +111,9 @@ class CheckpointReader:
                 if rec is None:
                     raise IntegrityError(f"{a.path}: shard {list(coords)} is missing from the manifest")
                 tasks.append(self._shard_task(a, i, part, rec, local_want, box, dest))
-        if len(tasks) == 1:
-            tasks[0]()
+        if len(tasks) <= 1:
+            for t in tasks:
+                t()
             return
         with ThreadPoolExecutor(min(self.threads, len(tasks))) as pool:
             for f in [pool.submit(t) for t in tasks]:

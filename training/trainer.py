@@ -270,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log is not None:
             log.close()
         if dist.is_initialized():
+            # Without a barrier a rank can tear gloo down while its peer is still mid-collective,
+            # which aborts the peer ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
     return 0
 

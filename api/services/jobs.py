@@ -1,8 +1,8 @@
 """Conversion jobs: ``POST /checkpoints/{id}/convert`` queues one, a background worker runs it.
 
 The converter is pluggable (:data:`Converter`): the app gets one at construction, tests pass a
-real callable, and :func:`default_converter` calls into ``ckptd.converters`` once a resharding
-entry point exists there. Jobs are rows, so their status survives a restart: on start the runner
+real callable, and :func:`default_converter` reshards with ``ckptd.converters.reshard``.
+Jobs are rows, so their status survives a restart: on start the runner
 re-queues ``queued`` jobs and fails ``running`` ones (their worker died with the old process).
 """
 
@@ -45,12 +45,24 @@ Converter = Callable[[ConversionTask], dict[str, Any]]
 
 
 def default_converter(task: ConversionTask) -> dict[str, Any]:
-    try:
-        from ckptd.converters import reshard  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise CatalogError("no converter is installed: ckptd.converters.reshard is not available yet") from e
-    result: dict[str, Any] = reshard(task.source_uri, task.output_uri, mesh=task.target_mesh)
-    return result
+    """Reshard with ``ckptd.converters.reshard`` into a new run root at ``task.output_uri``."""
+    from ckptd.converters.reshard import reshard  # heavy (torch): only the worker thread imports it
+    from ckptd.format.run import Run, step_dir
+
+    from ckptd.storage import open_store
+
+    src_root, _, group = task.source_uri.rpartition("/")
+    if group != step_dir(task.step):
+        raise CatalogError(f"{task.source_uri!r} is not a <run root>/{step_dir(task.step)} checkpoint group")
+    result = reshard(
+        Run(open_store(src_root)), Run(open_store(task.output_uri)), mesh=task.target_mesh, step=task.step
+    )
+    return {
+        "uri": f"{task.output_uri}/{group}",
+        "arrays": len(result.manifest.arrays),
+        "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written,
+    }
 
 
 def job_public(job: ConversionJob) -> JobPublic:

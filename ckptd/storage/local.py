@@ -129,7 +129,10 @@ class LocalStore:
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            return [os.pread(fd, stop - start, start) for start, stop in ranges]
+            # Clamp to the file: a hostile manifest may claim a huge size, and a short result is
+            # how callers detect truncation (never allocate what the file cannot hold).
+            size = os.fstat(fd).st_size
+            return [os.pread(fd, max(0, min(stop, size) - start), start) for start, stop in ranges]
         finally:
             os.close(fd)
 

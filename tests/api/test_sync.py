@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,28 @@ def test_cli_db_upgrade_and_catalog_sync(tmp_path: Path, capsys: pytest.CaptureF
     report = json.loads(capsys.readouterr().out)
     assert report["run"] == name and report["tier"] == "local" and report["added"] == [7]
     assert main(["catalog", "sync", "/no/../escape", "--db", url]) == 2  # refused before touching storage
+
+
+def test_default_converter_reshards_a_real_checkpoint(databases: FreshDatabases, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from tests.api.conftest import AUTH, start_server
+
+    live, server, thread = start_server(databases.new())  # the default converter: ckptd.converters.reshard
+    try:
+        with httpx.Client(base_url=live.url, headers=AUTH, timeout=30) as api:
+            run = make_run(api, tmp_path)
+            _write_real_checkpoint(tmp_path / run, 5, 1.0)
+            assert api.post(f"{V1}/runs/{run}/sync", json={"tier": "local"}).json()["added"] == [5]
+            ckpt = api.get(f"{V1}/runs/{run}/resolve", params={"select": "latest"}).json()["checkpoint"]
+            job = api.post(f"{V1}/checkpoints/{ckpt['id']}/convert", json={"tp": 2}).json()
+            for _ in range(400):
+                job = api.get(f"{V1}/jobs/{job['id']}").json()
+                if job["status"] in ("succeeded", "failed"):
+                    break
+                time.sleep(0.05)
+            assert job["status"] == "succeeded", job
+            out = Path(job["result"]["uri"])
+            assert (out / "manifest.json").is_file() and job["result"]["arrays"] == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -34,7 +34,7 @@ class FlakyS3:
                     self.close_connection = True
                     return
                 if flaky.mode == "503":
-                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    msg = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
@@ -81,7 +81,8 @@ def engine_moto() -> Iterator[int]:
 
 
 @pytest.fixture()
-def flaky_s3(engine_moto: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FlakyS3, str, dict[str, Any]]]:
+def flaky_s3(engine_moto: int,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FlakyS3, str, dict[str, Any]]]:
     """(proxy, bucket URL, storage_options) of a fresh bucket behind a switchable proxy."""
     import boto3
 
@@ -93,7 +94,7 @@ def flaky_s3(engine_moto: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
     proxy = FlakyS3(engine_moto)
     opts = {"endpoint_url": f"http://127.0.0.1:{proxy.port}", "key": "testing", "secret": "testing",
-            "retries": 1, "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
+            "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
                                             "connect_timeout": 2, "read_timeout": 10}}
     try:
         yield proxy, f"s3://{bucket}/run", opts

@@ -19,8 +19,10 @@ import ckptd
 WORKER = Path(__file__).parent / "workers" / "save_loop.py"
 
 
-def start(run: Path, max_steps: int, every: int, mib: float = 4.0) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-P", str(WORKER), str(run), str(max_steps), str(every), str(mib)],
+def start(run: Path, max_steps: int, every: int, mib: float = 4.0,
+          *extra: str) -> subprocess.Popen[str]:
+    args = [str(run), str(max_steps), str(every), str(mib), *extra]
+    return subprocess.Popen([sys.executable, "-P", str(WORKER), *args],
                             cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -107,11 +109,12 @@ def test_sigusr1_checkpoints_and_training_goes_on(tmp_path: Path) -> None:
 
 
 def test_resident_memory_is_flat_over_50_saves(tmp_path: Path) -> None:
-    proc = start(tmp_path / "run", max_steps=60, every=1, mib=16)
+    proc = start(tmp_path / "run", 60, 1, 16, "wait")
     assert proc.stdout is not None
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
-    rss = {int(line.split()[1]): int(line.split()[3]) for line in out.splitlines() if line.startswith("step ")}
+    rss = {int(ln.split()[1]): int(ln.split()[3]) for ln in out.splitlines() if ln.startswith("step ")}
     # after warm-up (pool slots allocated, allocator caches filled) 50 more saves must not grow memory
+    assert "persisted 60" in out
     growth = (rss[60] - rss[10]) / rss[10]
     assert growth < 0.05, f"RSS grew {growth:.1%}: {rss[10]} -> {rss[60]}"

@@ -93,7 +93,6 @@ def root(template: Path, tmp_path: Path) -> Path:
     outer = tmp_path / "outer"
     shutil.copytree(template, outer / "run")
     (outer / "secret").write_bytes(b"do not touch")
-    (outer / "run" / step_dir(STEP) / "secret").write_bytes(b"not a checkpoint object") if False else None
     return outer / "run"
 
 
@@ -259,7 +258,8 @@ def test_missing_and_truncated_shards(root: Path) -> None:
             assert key in {p.key for p in problems}, (key, problems)
             rc, text = _cli("verify", str(root))
             assert rc != 0 and key in text
-            if not key.endswith("zarr.json"):
+            # (bytes appended after a shard leave every byte the reader uses intact: only verify objects)
+            if not key.endswith("zarr.json") and not (damage is not None and len(damage(original)) > len(original)):
                 array = key.split("/c")[0].split("/piece-")[0]
                 with pytest.raises(IntegrityError):
                     Run(LocalStore(root)).reader(STEP).read(array)
@@ -506,8 +506,7 @@ HOSTILE: list[tuple[str, bytes | Callable[[dict[str, Any]], None], type[Checkpoi
      lambda d: d["arrays"]["w"]["parts"].append(d["arrays"]["w"]["parts"][0]), MetadataError),
     ("chunks do not divide shards", _set(["arrays", "w", "parts", 0, "chunks"], [4, 10]), MetadataError),
     ("zero chunk", _set(["arrays", "w", "parts", 0, "chunks"], [0, 10]), MetadataError),
-    ("too many chunks per shard", _set(["arrays", "w", "parts", 0, "chunks"], [1, 1]) if False else
-     _set(["arrays", "w", "parts", 0], {"offset": [0, 0], "shape": [12, 10], "grid": [2**20, 2**20],
+    ("too many chunks per shard", _set(["arrays", "w", "parts", 0], {"offset": [0, 0], "shape": [12, 10], "grid": [2**20, 2**20],
                                         "chunks": [1, 1], "shards": []}), MetadataError),
     ("shard coordinates outside the grid", _set(["arrays", "w", "parts", 0, "shards", 0, 0], [5, 0]), MetadataError),
     ("negative shard coordinates", _set(["arrays", "w", "parts", 0, "shards", 0, 0], [-1, 0]), MetadataError),
@@ -599,8 +598,9 @@ def test_hostile_manifests_raise_from_load(root: Path) -> None:
     cases = {"future": (_set(["format_version"], 7), UnsupportedFormatError),
              "escape": (_rename_array("../x"), UnsafeNameError),
              "nan": (_set(["state", "lr"], float("nan")), MetadataError)}
+    original = path.read_bytes()
     for name, (mutation, error) in cases.items():
-        doc = _doc(root)
+        doc = json.loads(original)
         mutation(doc)
         path.write_bytes(json.dumps(doc).encode())
         with pytest.raises(error):

@@ -16,11 +16,11 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from workload import make, params, seed_all, train_step  # noqa: E402
+import torch
+import torch.distributed as dist
+from workload import make, params, seed_all, train_step
 
-import ckptd  # noqa: E402
+import ckptd
 
 GLOBAL = (10, 6)
 
@@ -28,7 +28,8 @@ GLOBAL = (10, 6)
 def table_spec(world: int, rank: int) -> ckptd.ShardSpec:
     layout = ckptd.TensorLayout(partition=(("dp",), ()))
     mesh = {"dp": world}
-    return ckptd.ShardSpec(shape=GLOBAL, box=layout.box_for(GLOBAL, mesh, {"dp": rank}), layout=layout, mesh=mesh)
+    box = layout.box_for(GLOBAL, mesh, {"dp": rank})
+    return ckptd.ShardSpec(shape=GLOBAL, box=box, layout=layout, mesh=mesh)
 
 
 def dp_step(state: dict, world: int) -> float:
@@ -85,7 +86,8 @@ def main() -> None:
         os._exit(0)  # a crash: nothing is closed, nothing after the last checkpoint survives
     state = fresh(world, rank)
     seed_all(1000 + rank)
-    with ckptd.Checkpointer(run_dir, state=state, every=every, layouts={"table": table_spec(world, rank)}) as ck:
+    layouts = {"table": table_spec(world, rank)}
+    with ckptd.Checkpointer(run_dir, state=state, every=every, layouts=layouts) as ck:
         start = ck.restore()
         out["start"] = start
         out["position"] = state["data"]["position"]

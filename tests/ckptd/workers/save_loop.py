@@ -24,6 +24,7 @@ def rss_bytes() -> int:
 def main() -> None:
     run_dir, max_steps, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     mib = float(sys.argv[4]) if len(sys.argv) > 4 else 4.0
+    wait_each = len(sys.argv) > 5 and sys.argv[5] == "wait"  # every save reaches disk (no skipping)
     n = max(1, int(mib * 2**20 / 4 / 8))
     params = [torch.nn.Parameter(torch.zeros(n)) for _ in range(8)]
     opt = torch.optim.SGD(params, lr=1.0)
@@ -40,9 +41,11 @@ def main() -> None:
             counter.fill_(step + 1)
             state["meta"]["step"] = step + 1
             ck.step(step + 1)
+            if wait_each:
+                ck.wait()
             print(f"step {step + 1} rss {rss_bytes()}", flush=True)
         ck.wait()
-        print(f"done rss {rss_bytes()}", flush=True)
+        print(f"done rss {rss_bytes()} persisted {sum(f.persisted for f in ck.flushers)}", flush=True)
 
 
 if __name__ == "__main__":
