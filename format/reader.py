@@ -11,7 +11,7 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -221,8 +221,40 @@ class CheckpointReader:
         return out
 
     def restore(self, state: Any) -> Any:
-        """Load the checkpoint's state tree into ``state`` in place (see ``tree.restore``)."""
-        return restore(state, self.manifest.state, lambda path, dest: self.read(path, out=dest))
+        """Load the checkpoint's state tree into ``state`` in place (see ``tree.restore``).
+
+        Arrays are read concurrently: the tree walk only allocates or validates the
+        destinations and schedules the reads; data is awaited before any
+        ``load_state_dict`` sees it.
+        """
+        pending: list[Future[torch.Tensor]] = []
+        with ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="ckptd-read") as pool:
+
+            def schedule(path: str, dest: torch.Tensor | None) -> torch.Tensor:
+                a = self.array(path)
+                if dest is None:
+                    dest = torch.empty(a.shape, dtype=a.dtype.torch_dtype)
+                elif tuple(dest.shape) != a.shape:
+                    raise LayoutError(
+                        f"{path}: checkpoint holds shape {list(a.shape)} but the destination tensor has "
+                        f"shape {list(dest.shape)}"
+                    )
+                pending.append(pool.submit(self.read, path, None, dest))
+                return dest
+
+            def sync() -> None:
+                try:
+                    for f in pending:
+                        f.result()
+                finally:
+                    pending.clear()
+
+            try:
+                return restore(state, self.manifest.state, schedule, sync=sync)
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
 
 
 def _dest_slices(overlap: ShardBox, part: PartRecord, box: ShardBox) -> tuple[slice, ...]:

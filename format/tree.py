@@ -119,13 +119,18 @@ ReadTensor = Callable[[str, torch.Tensor | None], torch.Tensor]
 otherwise returns a new CPU tensor."""
 
 
-def restore(state: Any, skeleton: Any, read: ReadTensor) -> Any:
+def restore(state: Any, skeleton: Any, read: ReadTensor, *, sync: Callable[[], None] | None = None) -> Any:
     """Load ``skeleton`` into ``state`` in place; returns the (possibly new) value for the root.
 
     Tensors present in ``state`` are filled in place (shapes must match); values absent
     from ``state`` are materialised (new CPU tensors, decoded JSON); stateful objects get
     ``load_state_dict`` with their own state dict after it has been filled.
+
+    ``read`` may fill tensors asynchronously; ``sync`` then waits for every pending fill
+    and is called before anything consumes tensor data (``load_state_dict``, tied aliases)
+    and at the end.
     """
+    wait = sync or (lambda: None)
     aliases: dict[str, torch.Tensor] = {}
 
     def fill(current: Any, node: Any, depth: int) -> Any:
@@ -144,6 +149,7 @@ def restore(state: Any, skeleton: Any, read: ReadTensor) -> Any:
                 if path not in aliases:
                     aliases[path] = read(path, None)
                 src = aliases[path]
+                wait()
                 if isinstance(current, torch.Tensor):
                     if current.shape != src.shape:
                         raise LayoutError(
@@ -157,6 +163,7 @@ def restore(state: Any, skeleton: Any, read: ReadTensor) -> Any:
                 if isinstance(current, Stateful) and not isinstance(current, Mapping):
                     sd = current.state_dict()
                     filled = fill(sd, node.get("state"), depth + 1)
+                    wait()
                     current.load_state_dict(filled)
                     return current
                 return fill(None, node.get("state"), depth + 1)
@@ -204,7 +211,9 @@ def restore(state: Any, skeleton: Any, read: ReadTensor) -> Any:
             return node
         raise MetadataError(f"unexpected value {node!r} in state skeleton")
 
-    return fill(state, skeleton, 0)
+    result = fill(state, skeleton, 0)
+    wait()
+    return result
 
 
 def _str(value: Any) -> str:

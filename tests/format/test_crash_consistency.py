@@ -107,9 +107,9 @@ def _campaign(base_uri: str, opts: dict[str, Any] | None, runs: int, cwd: Path, 
             delay = rng.uniform(0.0, 1.2 * duration)
             t0 = _go(p)
             time.sleep(max(0.0, t0 + delay - time.perf_counter()))
-            if p.poll() is None:
+            if p.poll() is None:  # still running (or exited but not yet reaped: kill is harmless then)
                 tally.killed_mid_save += 1
-            os.kill(p.pid, signal.SIGKILL)
+                os.kill(p.pid, signal.SIGKILL)
             p.communicate(timeout=60)
             tally.delays.append(delay)
             tally.runs += 1
@@ -125,6 +125,7 @@ def _campaign(base_uri: str, opts: dict[str, Any] | None, runs: int, cwd: Path, 
     # The campaign is not vacuous: most kills landed inside the save and left partial data behind.
     assert tally.killed_mid_save >= runs // 2, tally
     assert tally.partial_left >= runs // 3, tally
+    print(f"{base_uri}: save takes {duration:.3f}s; {tally}")
     return tally
 
 
