@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,7 @@ def workloads() -> dict[str, Any]:
 async def load(base: str, op: Any, clients: int, seconds: float) -> dict[str, Any]:
     latencies: list[float] = []
     requests = errors = 0
+    error_kinds: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as c:
         await op(c)  # warm-up
@@ -197,8 +199,13 @@ async def load(base: str, op: Any, clients: int, seconds: float) -> dict[str, An
                 t = time.perf_counter()
                 try:
                     n = await op(c)
-                except httpx.HTTPError:
+                except httpx.HTTPStatusError as e:
                     errors += 1
+                    error_kinds[f"HTTP {e.response.status_code}: {e.response.text[:120]}"] += 1
+                    continue
+                except httpx.HTTPError as e:
+                    errors += 1
+                    error_kinds[f"{type(e).__name__}: {str(e)[:120]}"] += 1
                     continue
                 latencies.append((time.perf_counter() - t) / n)  # per request
                 requests += n
@@ -209,6 +216,7 @@ async def load(base: str, op: Any, clients: int, seconds: float) -> dict[str, An
     return {
         "requests": requests,
         "errors": errors,
+        **({"error_kinds": dict(error_kinds)} if error_kinds else {}),
         "req_per_s": round(requests / elapsed, 1),
         "p50_ms": round(q[49] * 1000, 2),
         "p99_ms": round(q[98] * 1000, 2),

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import describe
 
-import ckptd  # noqa: E402
+import ckptd
 
 
 def build(params: float) -> tuple[torch.nn.ParameterDict, torch.optim.Adam]:
@@ -37,9 +37,15 @@ def build(params: float) -> tuple[torch.nn.ParameterDict, torch.optim.Adam]:
     g = torch.Generator().manual_seed(0)
     shapes = {"wte": (max(1024, int(params - n_layers * 12 * d * d) // d), d)}
     for i in range(n_layers):
-        shapes |= {f"h{i}_qkv": (3 * d, d), f"h{i}_proj": (d, d), f"h{i}_fc": (4 * d, d), f"h{i}_out": (d, 4 * d)}
-    model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(s, generator=g) * 0.02)
-                                    for k, s in shapes.items()})
+        shapes |= {
+            f"h{i}_qkv": (3 * d, d),
+            f"h{i}_proj": (d, d),
+            f"h{i}_fc": (4 * d, d),
+            f"h{i}_out": (d, 4 * d),
+        }
+    model = torch.nn.ParameterDict(
+        {k: torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for k, s in shapes.items()}
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
     train_step(model, opt)  # creates the moments
     return model, opt
@@ -105,13 +111,20 @@ def main() -> None:
     emit({"what": "iteration", "median_s": statistics.median(iters[1:])}, results)
 
     raw = [raw_write(model, opt, root / "raw.bin") for _ in range(args.repeats)]
-    emit({"what": "raw_fsync_write", "median_s": statistics.median(raw), "gb_s": size / statistics.median(raw) / 1e9},
-         results)
+    emit(
+        {
+            "what": "raw_fsync_write",
+            "median_s": statistics.median(raw),
+            "gb_s": size / statistics.median(raw) / 1e9,
+        },
+        results,
+    )
 
-    # ckptd: blocking = step() + the optimizer hook's waits in the next iteration; durable = until wait() returns
+    # ckptd: blocking = step() + the hook waits of the next iteration; durable = until wait() returns
     blocked, durable = [], []
-    with ckptd.Checkpointer(str(root / "ckptd"), state=state, every=1, memory_keep=0,
-                            handle_signals=False) as ck:
+    with ckptd.Checkpointer(
+        str(root / "ckptd"), state=state, every=1, memory_keep=0, handle_signals=False
+    ) as ck:
         for i in range(args.repeats + 1):
             hook0 = ck.stager.hook_wait_s
             t0 = time.perf_counter()
@@ -124,8 +137,14 @@ def main() -> None:
             if i:  # the first one allocates the host pool
                 blocked.append(t_step + hook)
                 durable.append(t_durable)
-    emit({"what": "ckptd", "blocking_median_s": statistics.median(blocked),
-          "durable_median_s": statistics.median(durable)}, results)
+    emit(
+        {
+            "what": "ckptd",
+            "blocking_median_s": statistics.median(blocked),
+            "durable_median_s": statistics.median(durable),
+        },
+        results,
+    )
 
     ts = []
     for i in range(args.repeats):
@@ -133,8 +152,14 @@ def main() -> None:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, root / f"ts{i}.pt")
         fsync_tree(root / f"ts{i}.pt")
         ts.append(time.perf_counter() - t0)
-    emit({"what": "torch.save", "blocking_median_s": statistics.median(ts), "durable_median_s": statistics.median(ts)},
-         results)
+    emit(
+        {
+            "what": "torch.save",
+            "blocking_median_s": statistics.median(ts),
+            "durable_median_s": statistics.median(ts),
+        },
+        results,
+    )
 
     ds, das, das_done = [], [], []
     for i in range(args.repeats):
@@ -143,8 +168,14 @@ def main() -> None:
         dcp.save(sd, checkpoint_id=str(root / f"dcp{i}"))
         fsync_tree(root / f"dcp{i}")
         ds.append(time.perf_counter() - t0)
-    emit({"what": "dcp.save", "blocking_median_s": statistics.median(ds), "durable_median_s": statistics.median(ds)},
-         results)
+    emit(
+        {
+            "what": "dcp.save",
+            "blocking_median_s": statistics.median(ds),
+            "durable_median_s": statistics.median(ds),
+        },
+        results,
+    )
     for i in range(args.repeats):
         sd = {"model": model.state_dict(), "optim": opt.state_dict()}
         t0 = time.perf_counter()
@@ -153,8 +184,14 @@ def main() -> None:
         fut.result()
         fsync_tree(root / f"adcp{i}")
         das_done.append(time.perf_counter() - t0)
-    emit({"what": "dcp.async_save", "blocking_median_s": statistics.median(das),
-          "durable_median_s": statistics.median(das_done)}, results)
+    emit(
+        {
+            "what": "dcp.async_save",
+            "blocking_median_s": statistics.median(das),
+            "durable_median_s": statistics.median(das_done),
+        },
+        results,
+    )
 
     rc, rt, rd = [], [], []
     for _ in range(args.repeats):
@@ -173,8 +210,15 @@ def main() -> None:
         t0 = time.perf_counter()
         dcp.load(sd, checkpoint_id=str(root / "dcp0"))
         rd.append(time.perf_counter() - t0)
-    emit({"what": "restore", "ckptd_median_s": statistics.median(rc), "torch_load_median_s": statistics.median(rt),
-          "dcp_load_median_s": statistics.median(rd)}, results)
+    emit(
+        {
+            "what": "restore",
+            "ckptd_median_s": statistics.median(rc),
+            "torch_load_median_s": statistics.median(rt),
+            "dcp_load_median_s": statistics.median(rd),
+        },
+        results,
+    )
 
     by = {r["what"]: r for r in results}
     c = by["ckptd"]
@@ -185,15 +229,19 @@ def main() -> None:
         "blocking_dcp_async_over_ckptd": by["dcp.async_save"]["blocking_median_s"] / c["blocking_median_s"],
         "blocking_ckptd_over_iteration": c["blocking_median_s"] / by["iteration"]["median_s"],
         "durable_ckptd_over_raw_fsync": c["durable_median_s"] / by["raw_fsync_write"]["median_s"],
-        "durable_torch_save_over_raw_fsync": by["torch.save"]["durable_median_s"] / by["raw_fsync_write"]["median_s"],
-        "restore_torch_load_over_ckptd": by["restore"]["torch_load_median_s"] / by["restore"]["ckptd_median_s"],
+        "durable_torch_save_over_raw_fsync": by["torch.save"]["durable_median_s"]
+        / by["raw_fsync_write"]["median_s"],
+        "restore_torch_load_over_ckptd": by["restore"]["torch_load_median_s"]
+        / by["restore"]["ckptd_median_s"],
         "restore_dcp_load_over_ckptd": by["restore"]["dcp_load_median_s"] / by["restore"]["ckptd_median_s"],
     }
     emit(summary, results)
     machine = describe()
     try:
         machine["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        machine["disk"] = subprocess.run(["df", "-h", str(root)], capture_output=True, text=True, timeout=10).stdout
+        machine["disk"] = subprocess.run(
+            ["df", "-h", str(root)], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         pass
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import describe
 
-import ckptd  # noqa: E402
+import ckptd
 
 
 class Bench:
@@ -38,8 +38,9 @@ class Bench:
         self.device = torch.device(device)
         dtype = torch.bfloat16
         torch.manual_seed(0)
-        self.model = torch.nn.Sequential(*[m for _ in range(layers) for m in
-                                           (torch.nn.Linear(width, width, bias=False), torch.nn.GELU())])
+        self.model = torch.nn.Sequential(
+            *[m for _ in range(layers) for m in (torch.nn.Linear(width, width, bias=False), torch.nn.GELU())]
+        )
         self.model.to(self.device, dtype)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=fused)
@@ -79,8 +80,11 @@ class Bench:
             self.sync()
             times.append(time.perf_counter() - t0)
         total = time.perf_counter() - t_all
-        return {"ms_per_iteration": 1e3 * total / iters, "median_iteration_ms": 1e3 * statistics.median(times),
-                "blocked_s": blocked}
+        return {
+            "ms_per_iteration": 1e3 * total / iters,
+            "median_iteration_ms": 1e3 * statistics.median(times),
+            "blocked_s": blocked,
+        }
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -96,7 +100,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--dir", default="/tmp/ckptd-w2")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--skip-baselines", action="store_true", help="skip torch.save and DCP (the slow columns)")
+    ap.add_argument(
+        "--skip-baselines", action="store_true", help="skip torch.save and DCP (the slow columns)"
+    )
     args = ap.parse_args()
     if args.smoke:
         b = Bench(256, 2, 64, "cpu")
@@ -124,7 +130,9 @@ def main() -> None:
     pin_t = timed(lambda: [torch.empty_like(t, device="cpu", pin_memory=cuda) for t in tensors])
     pinned = [torch.empty_like(t, device="cpu", pin_memory=cuda) for t in tensors]
     b.sync()
-    t_pin = timed(lambda: ([d.copy_(s, non_blocking=True) for d, s in zip(pinned, tensors, strict=True)], b.sync()))
+    t_pin = timed(
+        lambda: ([d.copy_(s, non_blocking=True) for d, s in zip(pinned, tensors, strict=True)], b.sync())
+    )
     t_pageable = timed(lambda: [t.cpu() for t in tensors])
     alloc4 = timed(lambda: torch.empty(4 * 2**30, dtype=torch.uint8, pin_memory=cuda)) if cuda else 0.0
     raw = root / "raw.bin"
@@ -138,14 +146,24 @@ def main() -> None:
 
     t_raw = timed(raw_write)
     raw.unlink()
-    emit({"what": "raw", "pinned_d2h_gb_s": size / t_pin / 1e9, "pageable_d2h_gb_s": size / t_pageable / 1e9,
-          "pinned_alloc_state_s": pin_t, "pinned_alloc_4gib_s": alloc4, "disk_write_fsync_gb_s": size / t_raw / 1e9})
+    emit(
+        {
+            "what": "raw",
+            "pinned_d2h_gb_s": size / t_pin / 1e9,
+            "pageable_d2h_gb_s": size / t_pageable / 1e9,
+            "pinned_alloc_state_s": pin_t,
+            "pinned_alloc_4gib_s": alloc4,
+            "disk_write_fsync_gb_s": size / t_raw / 1e9,
+        }
+    )
 
     # idealised lazy snapshot: pinned buffer once, side-stream copy after an event, optimizer waits on the GPU
     def idealised(every: int) -> dict[str, Any]:
         if not cuda:
+
             def copy_now(i: int) -> float:
                 return timed(lambda: [d.copy_(s) for d, s in zip(pinned, tensors, strict=True)])
+
             return b.run(args.iters, every, copy_now)
         stream = torch.cuda.Stream()
         pending: list[torch.cuda.Event] = []
@@ -176,12 +194,19 @@ def main() -> None:
 
     emit({"what": "idealised_lazy_every_5", **idealised(args.every)})
     emit({"what": "idealised_lazy_every_1", **idealised(1)})
-    del pinned
+    pinned.clear()  # give the pinned host memory back before the ckptd variants
 
-    for name, kwargs in (("ckptd_memory_every_5", {"tiers": [ckptd.TierConfig.memory(every=args.every)]}),
-                         ("ckptd_memory_local_every_5", {"every": args.every})):
-        with ckptd.Checkpointer(str(root / name), state={"model": b.model, "optim": b.opt}, memory_keep=1,
-                                handle_signals=False, **kwargs) as ck:
+    for name, kwargs in (
+        ("ckptd_memory_every_5", {"tiers": [ckptd.TierConfig.memory(every=args.every)]}),
+        ("ckptd_memory_local_every_5", {"every": args.every}),
+    ):
+        with ckptd.Checkpointer(
+            str(root / name),
+            state={"model": b.model, "optim": b.opt},
+            memory_keep=1,
+            handle_signals=False,
+            **kwargs,
+        ) as ck:
             ck.save(0)  # allocates the pinned pool once, outside the measured loop
             ck.wait()
 
@@ -196,9 +221,14 @@ def main() -> None:
         emit({"what": name, **rec})
 
     if not args.skip_baselines:
+
         def tsave(i: int) -> float:
-            return timed(lambda: torch.save({"model": b.model.state_dict(), "optim": b.opt.state_dict()},
-                                            root / f"ts{i}.pt"))
+            return timed(
+                lambda: torch.save(
+                    {"model": b.model.state_dict(), "optim": b.opt.state_dict()}, root / f"ts{i}.pt"
+                )
+            )
+
         emit({"what": "torch_save_every_5", **b.run(args.iters, args.every, tsave)})
         import torch.distributed.checkpoint as dcp
 
@@ -208,8 +238,12 @@ def main() -> None:
             t0 = time.perf_counter()
             if futures:
                 futures.pop().result()  # DCP allows one save in flight
-            futures.append(dcp.async_save({"model": b.model.state_dict(), "optim": b.opt.state_dict()},
-                                          checkpoint_id=str(root / f"dcp{i}")))
+            futures.append(
+                dcp.async_save(
+                    {"model": b.model.state_dict(), "optim": b.opt.state_dict()},
+                    checkpoint_id=str(root / f"dcp{i}"),
+                )
+            )
             return time.perf_counter() - t0
 
         emit({"what": "dcp_async_save_every_5", **b.run(args.iters, args.every, async_save)})
@@ -218,10 +252,12 @@ def main() -> None:
 
     by = {r["what"]: r for r in results}
     ideal = by["idealised_lazy_every_5"]["ms_per_iteration"]
-    summary = {"what": "ratios",
-               "ckptd_memory_over_idealised": by["ckptd_memory_every_5"]["ms_per_iteration"] / ideal,
-               "ckptd_memory_local_over_idealised": by["ckptd_memory_local_every_5"]["ms_per_iteration"] / ideal,
-               "idealised_over_no_checkpoint": ideal / by["no_checkpoint"]["ms_per_iteration"]}
+    summary = {
+        "what": "ratios",
+        "ckptd_memory_over_idealised": by["ckptd_memory_every_5"]["ms_per_iteration"] / ideal,
+        "ckptd_memory_local_over_idealised": by["ckptd_memory_local_every_5"]["ms_per_iteration"] / ideal,
+        "idealised_over_no_checkpoint": ideal / by["no_checkpoint"]["ms_per_iteration"],
+    }
     if "torch_save_every_5" in by:
         summary["torch_save_over_idealised"] = by["torch_save_every_5"]["ms_per_iteration"] / ideal
         summary["dcp_async_over_idealised"] = by["dcp_async_save_every_5"]["ms_per_iteration"] / ideal

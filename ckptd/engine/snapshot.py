@@ -130,14 +130,18 @@ class Stager:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
 
     def _refresh_owners(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        # Adam creates its moments at the first step: pick up state tensors that appeared since.
+        # Rebuilt at every snapshot: Adam creates its moments at the first step, load_state_dict
+        # replaces them, and a freed tensor's address may be reused by a buffer the forward pass
+        # updates — a stale entry would copy that buffer lazily, unguarded.
+        owners: dict[tuple[str, int], int] = {}
         for opt in optimizers:
-            for p, st in opt.state.items():
-                for v in st.values():
-                    if isinstance(v, torch.Tensor):
-                        self._owners.setdefault(storage_key(v), id(opt))
-                if isinstance(p, torch.Tensor):
-                    self._owners.setdefault(storage_key(p), id(opt))
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    owners[storage_key(p)] = id(opt)
+                    for v in opt.state.get(p, {}).values():
+                        if isinstance(v, torch.Tensor):
+                            owners[storage_key(v)] = id(opt)
+        self._owners = owners
 
     def _pre_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         ev = self._pending_cuda.pop(id(opt), None)

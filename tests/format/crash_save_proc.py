@@ -36,6 +36,7 @@ def main() -> None:
     uri, step, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     opts = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
     state = make_state(seed)
+    ckptd.open_run(uri, opts).steps()  # import the storage backend (s3fs) and connect before "ready"
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
