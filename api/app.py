@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
+
 from ckptd.api.db import Database
 from ckptd.api.deps import DatabaseDep, SessionDep
 from ckptd.api.errors import (
@@ -88,6 +90,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # read-only endpoints run at most pool_size queries at a time (ckptd.api.deps.read)
+        app.state.read_limiter = anyio.CapacityLimiter(settings.pool_size)
         runner.start()
         try:
             yield

@@ -1,10 +1,18 @@
-"""Typed FastAPI dependencies: the database session, the bearer-token guard, app services."""
+"""Typed FastAPI dependencies: the database session, the bearer-token guard, app services.
+
+Dependencies that do no I/O are ``async``: FastAPI runs a plain ``def`` dependency in the thread
+pool, and every hop there queues behind the other requests and contends for the GIL (W4 profile).
+Read-only endpoints skip :data:`SessionDep` and hand their whole query to :func:`read`: one hop, one
+session, its connection returned before the response is serialised.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, TypeVar
+
+import anyio
 
 from ckptd.api.db import Database
 from ckptd.api.services.jobs import JobRunner
@@ -17,14 +25,34 @@ from sqlalchemy.orm import Session
 _bearer = HTTPBearer(auto_error=False, description="CKPTD_API_TOKEN; required by every mutating endpoint")
 
 
-def get_settings(request: Request) -> CatalogSettings:
+async def get_settings(request: Request) -> CatalogSettings:
     settings: CatalogSettings = request.app.state.settings
     return settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
+
+
+T = TypeVar("T")
+
+
+async def read(request: Request, query: Callable[[Session], T]) -> T:
+    """Run ``query`` in a worker thread with a session of its own, at most ``pool_size`` at a time.
+
+    The limiter keeps read threads no more than the pool's connections: a thread beyond that
+    would only wait for a connection while holding the GIL hostage to switches, and starve the
+    event loop that must read requests and send responses.
+    """
+    db: Database = request.app.state.db
+    limiter: anyio.CapacityLimiter = request.app.state.read_limiter
+
+    def run() -> T:
+        with db.session() as session:
+            return query(session)
+
+    return await anyio.to_thread.run_sync(run, limiter=limiter)
 
 
 def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
@@ -33,7 +61,7 @@ def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
         yield session
 
 
-def require_token(
+async def require_token(
     settings: Annotated[CatalogSettings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -52,12 +80,12 @@ def require_token(
         )
 
 
-def get_jobs(request: Request) -> JobRunner:
+async def get_jobs(request: Request) -> JobRunner:
     runner: JobRunner = request.app.state.jobs
     return runner
 
 
-def get_deleter(request: Request) -> StorageDeleter:
+async def get_deleter(request: Request) -> StorageDeleter:
     deleter: StorageDeleter = request.app.state.deleter
     return deleter
 

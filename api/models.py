@@ -67,6 +67,7 @@ class Base(DeclarativeBase):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_created_at_id", "created_at", "id"),)  # the default list order
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -84,6 +85,10 @@ class Checkpoint(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "step"),
         Index("ix_checkpoints_run_state_step", "run_id", "state", "step"),
+        # lists across runs sort by (key, id) and stop after a page: without these, every such
+        # request scans and sorts the whole table (W4 filter_all_runs)
+        Index("ix_checkpoints_step_id", "step", "id"),
+        Index("ix_checkpoints_created_at_id", "created_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -1,13 +1,51 @@
-"""W4: the REST catalog under load (see shared BENCHMARKS.md).
+"""W4: the REST catalog under load (see shared BENCHMARKS.md), with MLflow's tracking server as the peer.
 
 10,000 checkpoints across 100 runs; list, filter and paginate endpoints under 50 concurrent
-clients on loopback; SQLite and (when a URL is given) PostgreSQL. The server runs in its own
-process (``uvicorn --factory ckptd.api.app:create_app``, one worker) so the load generator does
-not share its interpreter; both share this machine's cores, which the results record.
+clients on loopback; SQLite and (when a URL is given) PostgreSQL. Every server runs in its own
+process with one worker (ckptd: ``uvicorn --factory ckptd.api.app:create_app``; MLflow:
+``mlflow server --workers 1``) so the load generator does not share its interpreter; all share this
+machine's cores, which the results record.
 
     python benchmarks/catalog_bench.py [--postgres URL] [--seconds 10] [--clients 50]
+        [--baseline-rev HEAD] [--peer mlflow [--mlflow-python /tmp/mlflow-venv/bin/python]]
 
-Prints one JSON line per (backend, workload) and writes them, with the machine description,
+``--baseline-rev`` also serves the catalog as committed at that revision (``git archive``, read only)
+on the same data in the same run, so changes are measured as ratios to a same-run baseline.
+``--peer mlflow`` loads the same data set into MLflow (installed in its own venv: it pins numpy and
+pandas versions of its own) and runs the comparable queries through ``/api/2.0/mlflow/runs/search``.
+
+Mapping of the data set onto MLflow (the closest equivalents; MLflow has no tiers or lineage):
+
+===============================  ==========================================================
+ckptd                            MLflow
+===============================  ==========================================================
+run ``run-NNN``                  experiment ``run-NNN`` (id NNN+1)
+checkpoint (run, step)           run ``step_0000000500`` of that experiment
+created_at / committed_at        ``start_time`` / ``end_time`` (ms); ``start_time`` orders by step
+state committed / failed         status FINISHED / FAILED, and tag ``state``
+metrics loss, val_loss           metrics (history of one value at ``step``) and latest_metrics
+tag ``even``                     tag ``even`` = ``true``
+location per tier                tag ``tier.local`` / ``tier.remote`` = the URI
+step, nbytes                     params ``step``, ``nbytes``
+===============================  ==========================================================
+
+Workloads (ckptd request → MLflow request):
+
+* list_run_page: ``GET /checkpoints?run=R&limit=50`` → search experiment R, 50, ``start_time DESC``
+* filter_sort_metric: ``state=committed&tag=even&sort=metric:val_loss&limit=20`` → filter
+  ``tags.state = 'committed' and tags.even = 'true'``, order ``metrics.val_loss ASC``, 20
+* paginate_run: every page of a run, 25 a page, ``sort=step`` → ``page_token`` walk, ``start_time ASC``
+* filter_all_runs: ``tier=remote&min_step=S&sort=-step&limit=50`` across runs → all 100 experiments,
+  ``tags.`tier.remote` LIKE 's3://%' and attributes.start_time >= T(S)``, ``start_time DESC``, 50
+* list_runs: ``GET /runs?limit=100`` (with per-run checkpoint counts) → ``experiments/search``, 100
+  (no counts: MLflow has no such aggregate)
+
+The MLflow data are inserted straight into its tables (its own SQLAlchemy models) after its schema
+is created: 20,000 REST calls would take longer than the benchmark. Clients expire idle
+connections after 2 s, before the servers' 5 s keep-alive timeout: with equal timeouts a request
+races the server's close and fails with "Server disconnected" (a load-generator artefact).
+
+Prints one JSON line per (system, backend, workload) and writes them, with the machine description,
 to ``benchmarks/results/catalog-<timestamp>.jsonl``.
 """
 
@@ -18,6 +56,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -36,6 +75,13 @@ from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Locati
 RUNS, PER_RUN = 100, 100
 TOKEN = "bench-token-" + "x" * 16
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+KEEPALIVE_EXPIRY_S = 2.0
+"""Below the servers' keep-alive timeout (uvicorn's default 5 s), as a client must be."""
+PACKAGE_DIRS = {"ckptd": "ckptd", "format": "ckptd/format", "converters": "ckptd/converters",
+                "api": "ckptd/api", "training": "ckptd/training"}
+"""``[tool.setuptools] package-dir`` of pyproject.toml: where each folder lands in the package."""
 
 
 def machine() -> dict[str, Any]:
@@ -59,7 +105,7 @@ def seed(url: str) -> None:
     db = Database(url)
     db.upgrade()
     rng = random.Random(0)
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    t0 = T0
     with db.session() as s:
         runs = [
             Run(
@@ -105,9 +151,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(url: str) -> tuple[subprocess.Popen[bytes], str]:
+def baseline_tree(rev: str, dest: Path) -> Path:
+    """The package as committed at ``rev``, laid out as installed, under ``dest`` (for PYTHONPATH)."""
+    src = dest / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    for folder, target in PACKAGE_DIRS.items():
+        shutil.copytree(src / folder, dest / "tree" / target, dirs_exist_ok=True)
+    shutil.copytree(src / "migrations", dest / "tree" / "migrations")
+    return dest / "tree"
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
+def start_server(url: str, tree: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """The catalog under uvicorn, one worker; from ``tree`` (a :func:`baseline_tree`) when given."""
     port = free_port()
     env = {**os.environ, "CKPTD_DATABASE_URL": url, "CKPTD_API_TOKEN": TOKEN}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)  # found before the editable install's link tree
+        env["CKPTD_MIGRATIONS_DIR"] = str(tree / "migrations")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -126,15 +201,8 @@ def start_server(url: str) -> tuple[subprocess.Popen[bytes], str]:
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("catalog server did not start")
+    wait_ready(proc, f"{base}/healthz", "catalog server")
+    return proc, base
 
 
 def workloads() -> dict[str, Any]:
@@ -187,7 +255,9 @@ async def load(base: str, op: Any, clients: int, seconds: float) -> dict[str, An
     latencies: list[float] = []
     requests = errors = 0
     error_kinds: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(
+        max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=KEEPALIVE_EXPIRY_S
+    )
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as c:
         await op(c)  # warm-up
         stop = time.perf_counter() + seconds

@@ -17,6 +17,7 @@ from ckptd.format.errors import UnsafeNameError
 # never be "." or "..", and never starts with "." (reserved for temporary files).
 _SEGMENT = re.compile(r"^[A-Za-z0-9_\-%][A-Za-z0-9_.\-+=:@,%]*$")
 _SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.+=:@,")
+_NOT_FIRST = frozenset(".+=:@,")  # safe inside a segment, but not as its first character (see _SEGMENT)
 MAX_SEGMENT_LENGTH = 200
 MAX_PATH_DEPTH = 32
 RESERVED_SEGMENTS = frozenset({"zarr.json", "manifest.json", "c"})
@@ -60,13 +61,13 @@ def join_array_path(segments: tuple[str, ...] | list[str]) -> str:
 def encode_key(key: str) -> str:
     """Map any state-dict key injectively to a safe path segment.
 
-    Characters outside the safe set are percent-encoded (UTF-8), as are a leading dot and
-    the first character of reserved names, so ``"a/b"`` becomes ``"a%2Fb"`` and ``".."``
+    Characters outside the safe set are percent-encoded (UTF-8), as are a leading ``. + = : @ ,``
+    and the first character of reserved names, so ``"a/b"`` becomes ``"a%2Fb"`` and ``".."``
     becomes ``"%2E%2E"``. Ordinary keys (``"layers.0.weight"``) are unchanged.
     """
     out = []
     for i, ch in enumerate(key):
-        if ch in _SAFE_CHARS and not (i == 0 and ch == "."):
+        if ch in _SAFE_CHARS and not (i == 0 and ch in _NOT_FIRST):
             out.append(ch)
         else:
             out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")))
@@ -74,7 +75,7 @@ def encode_key(key: str) -> str:
     if seg in RESERVED_SEGMENTS:
         seg = f"%{ord(seg[0]):02X}{seg[1:]}"
     if seg == "":
-        seg = "%00"
+        seg = "%"  # no other key encodes to a lone "%" (every escape has two hex digits); "%00" is "\x00"
     if seg == ".":
         seg = "%2E"
     return check_segment(seg)

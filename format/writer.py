@@ -30,8 +30,12 @@ from ckptd.format.store import Store
 
 
 def shard_key(array_key: str, coords: Sequence[int]) -> str:
-    """Storage key of a shard (Zarr v3 default chunk key encoding with ``/``)."""
-    return "/".join([array_key, "c", *(str(c) for c in coords)])
+    """Storage key of a shard: Zarr v3 ``default`` chunk key encoding with separator ``.``.
+
+    ``.`` rather than ``/`` keeps every shard of an array in the array's own directory:
+    two fewer directories per array to create and fsync on local disks.
+    """
+    return f"{array_key}/" + ".".join(["c", *(str(c) for c in coords)])
 
 
 @dataclass(slots=True)

@@ -66,7 +66,7 @@ def array_document(array: ArrayRecord, part: PartRecord, part_index: int) -> byt
         "node_type": "array",
         "shape": list(part.shape),
         "data_type": dt.storage,
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": _fill_value(dt),
         "attributes": attrs,
     }

@@ -4,24 +4,31 @@ Each rank builds its :class:`ParallelContext`, its pipeline stage of the GPT, th
 optimizer, the state-dict adapter and the micro-batch schedule, initialises the weights from
 canonical values (so every layout starts identical), and trains up to ``--steps``.
 
-Checkpointing (``--ckpt``, ``--every``) is parsed but **pending the snapshot engine**
-(``ckptd.Checkpointer``): nothing is saved or restored yet and ``ckpt_block_ms`` is logged as 0.
-The adapter (:mod:`ckptd.training.adapter`) is the seam the engine will use.
+With ``--ckpt URI`` the run checkpoints through ``ckptd.Checkpointer`` every ``--every`` steps
+and once more at its last step, and first resumes from the newest committed checkpoint
+there — written by a job of any layout (see :mod:`ckptd.training.checkpoint`): the step comes
+from ``optim/step``, the data position from the step, the RNG states from the Checkpointer.
+SIGTERM (or SIGUSR1) makes the next step boundary write a durable checkpoint; after SIGTERM
+every rank then exits with status 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
+from ckptd.engine.checkpointer import SIGTERM_EXIT_CODE
 from ckptd.training.adapter import GPTStateAdapter
+from ckptd.training.checkpoint import TrainerCheckpoint
 from ckptd.training.config import (
     DataConfig,
     ModelConfig,
@@ -51,9 +58,9 @@ class TrainConfig:
     """Compute dtype: "auto" is bf16 on CUDA and fp32 on CPU; or "fp32" / "bf16"."""
     log_json: str | None = None
     ckpt: str | None = None
-    """Checkpoint URI (pending the snapshot engine: not used yet)."""
+    """Run root of the checkpoints (local path or fsspec URL): resume from it, save to it."""
     every: int = 0
-    """Checkpoint interval in steps (pending the snapshot engine: not used yet)."""
+    """Checkpoint interval in steps (0: only at the last step and on SIGTERM/SIGUSR1)."""
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
@@ -63,6 +70,8 @@ class TrainConfig:
             )
         if self.steps < 0 or self.every < 0:
             raise TrainingConfigError(f"--steps and --every must be >= 0, got {self.steps} and {self.every}")
+        if self.every and not self.ckpt:
+            raise TrainingConfigError(f"--every {self.every} needs --ckpt URI: where to write the checkpoints")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise TrainingConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
@@ -148,8 +157,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
     p.add_argument("--stage-layers", default=None, help="layers per pipeline stage, e.g. 1,3")
     p.add_argument("--steps", type=int, default=50, help="train up to this step")
-    p.add_argument("--every", type=int, default=0, help="checkpoint interval (pending the snapshot engine)")
-    p.add_argument("--ckpt", default=None, help="checkpoint URI (pending the snapshot engine)")
+    p.add_argument("--every", type=int, default=0, help="checkpoint interval in steps (needs --ckpt)")
+    p.add_argument("--ckpt", default=None, help="checkpoint run root: resume from its latest, save to it")
     p.add_argument("--log-json", default=None, help="write one JSON line per step to this file")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
@@ -239,33 +248,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trainer = Trainer(cfg, ctx)
     trainer.init_weights()
-    if ctx.rank == 0 and (cfg.ckpt or cfg.every):
-        print(
-            "ckptd train: --ckpt/--every are accepted but checkpointing is pending the snapshot engine; "
-            "this run saves nothing",
-            file=sys.stderr,
-        )
     log = open(cfg.log_json, "a", encoding="utf-8") if cfg.log_json and ctx.rank == 0 else None  # noqa: SIM115
     try:
-        while trainer.step < cfg.steps:
-            r = trainer.train_step()
-            if ctx.rank == 0:
-                rec = {
-                    "step": r.step,
-                    "loss": r.loss,
-                    "grad_norm": r.grad_norm,
-                    "tokens_per_s": r.tokens / r.seconds,
-                    "ckpt_block_ms": 0.0,
-                    "step_ms": r.seconds * 1e3,
-                }
-                if log is not None:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                print(
-                    f"step {r.step:5d}  loss {r.loss:.4f}  grad_norm {r.grad_norm:.3f}  "
-                    f"{rec['tokens_per_s']:.0f} tok/s",
-                    flush=True,
-                )
+        ckpt = TrainerCheckpoint(trainer.adapter, trainer.optimizer, cfg.ckpt, every=cfg.every) if cfg.ckpt else None
+        with ckpt if ckpt is not None else contextlib.nullcontext():
+            if ckpt is not None:
+                resumed = ckpt.restore()
+                if resumed is not None:
+                    trainer.step = resumed
+                    _say(ctx, f"resumed from the checkpoint of step {resumed} in {cfg.ckpt}")
+            if trainer.step >= cfg.steps:
+                _say(ctx, f"already at step {trainer.step} (--steps {cfg.steps}): nothing to train")
+            _train(trainer, ckpt, log)
+            if ckpt is not None and trainer.step > 0:
+                ckpt.save(trainer.step)  # the last step is durable when the with-block ends
+    except SystemExit as e:
+        if e.code == SIGTERM_EXIT_CODE:
+            _say(ctx, f"stopped by SIGTERM after step {trainer.step}; that checkpoint is durable in {cfg.ckpt}")
+        raise
     finally:
         if log is not None:
             log.close()
@@ -275,6 +275,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.barrier()
             dist.destroy_process_group()
     return 0
+
+
+def _train(trainer: Trainer, ckpt: TrainerCheckpoint | None, log: TextIO | None) -> None:
+    ctx = trainer.ctx
+    while trainer.step < trainer.cfg.steps:
+        r = trainer.train_step()
+        blocked = 0.0
+        t0 = time.perf_counter()
+        try:
+            if ckpt is not None:
+                blocked = ckpt.step(r.step, loss=r.loss)  # may raise SystemExit after SIGTERM
+        finally:
+            if ctx.rank == 0:
+                seconds = r.seconds + time.perf_counter() - t0
+                rec = {
+                    "step": r.step,
+                    "loss": r.loss,
+                    "grad_norm": r.grad_norm,
+                    "tokens_per_s": r.tokens / seconds,
+                    "ckpt_block_ms": blocked * 1e3,
+                    "step_ms": seconds * 1e3,
+                }
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                print(
+                    f"step {r.step:5d}  loss {r.loss:.4f}  grad_norm {r.grad_norm:.3f}  "
+                    f"{rec['tokens_per_s']:.0f} tok/s  ckpt {rec['ckpt_block_ms']:.1f} ms",
+                    flush=True,
+                )
+
+
+def _say(ctx: ParallelContext, message: str) -> None:
+    if ctx.rank == 0:
+        print(f"ckptd train: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

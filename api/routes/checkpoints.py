@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
-from ckptd.api.deps import Authorized, JobsDep, SessionDep
+from ckptd.api.deps import Authorized, JobsDep, SessionDep, read
 from ckptd.api.errors import NotFoundError
 from ckptd.api.models import ConversionJob
 from ckptd.api.routes.params import CheckpointId, CheckpointSort, Cursor, JobId, Limit, MeshSize, StepBound
@@ -19,16 +20,16 @@ from ckptd.api.schemas import (
     Tag,
     Tier,
 )
-from ckptd.api.services import checkpoints, jobs, restore
-from fastapi import APIRouter, Query
+from ckptd.api.services import checkpoint_pages, checkpoints, jobs, restore
+from fastapi import APIRouter, Query, Request
 
 router = APIRouter(tags=["checkpoints"])
 MAX_LINEAGE = 1000
 
 
 @router.get("/checkpoints", response_model=CheckpointPage)
-def list_checkpoints(
-    session: SessionDep,
+async def list_checkpoints(
+    request: Request,
     run: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     state: CheckpointState | None = None,
     tag: Annotated[Tag | None, Query()] = None,
@@ -39,19 +40,21 @@ def list_checkpoints(
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> CheckpointPage:
-    rows, next_cursor = checkpoints.list_checkpoints(
-        session,
-        run=run,
-        state=state,
-        tag=tag,
-        tier=tier,
-        min_step=min_step,
-        max_step=max_step,
-        sort=sort,
-        limit=limit,
-        cursor=cursor,
+    return await read(
+        request,
+        partial(
+            checkpoint_pages.list_checkpoints,
+            run=run,
+            state=state,
+            tag=tag,
+            tier=tier,
+            min_step=min_step,
+            max_step=max_step,
+            sort=sort,
+            limit=limit,
+            cursor=cursor,
+        ),
     )
-    return CheckpointPage(items=[checkpoints.checkpoint_public(c) for c in rows], next_cursor=next_cursor)
 
 
 @router.get("/checkpoints/{checkpoint_id}", response_model=CheckpointPublic)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Literal
 
-from ckptd.api.deps import Authorized, DeleterDep, SessionDep
+from ckptd.api.deps import Authorized, DeleterDep, SessionDep, read
 from ckptd.api.errors import InvalidRequestError
 from ckptd.api.models import Rollback
 from ckptd.api.routes.params import AliasPathName, Cursor, Limit, RunName
@@ -29,24 +30,25 @@ from ckptd.api.schemas import (
     check_selector,
 )
 from ckptd.api.services import checkpoints, retention, runs, selection, sync
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 
 @router.get("", response_model=RunPage)
-def list_runs(
-    session: SessionDep,
+async def list_runs(
+    request: Request,
     status_: Annotated[RunStatus | None, Query(alias="status")] = None,
     name_prefix: Annotated[str | None, Query(max_length=200)] = None,
     sort: Literal["created_at", "-created_at", "name", "-name"] = "-created_at",
     limit: Limit = 50,
     cursor: Cursor = None,
 ) -> RunPage:
-    items, next_cursor = runs.list_runs(
-        session, status=status_, name_prefix=name_prefix, sort=sort, limit=limit, cursor=cursor
+    items, next_cursor = await read(
+        request,
+        partial(runs.list_runs, status=status_, name_prefix=name_prefix, sort=sort, limit=limit, cursor=cursor),
     )
-    return RunPage(items=items, next_cursor=next_cursor)
+    return RunPage.model_construct(items=items, next_cursor=next_cursor)
 
 
 @router.post(

@@ -11,8 +11,6 @@ Setting the state a checkpoint already has is a no-op, so the engine may retry f
 
 from __future__ import annotations
 
-from collections import Counter
-from datetime import datetime
 from typing import Any
 
 from ckptd.api.errors import ConflictError, InvalidRequestError, InvalidTransitionError, NotFoundError
@@ -24,10 +22,10 @@ from ckptd.api.schemas import (
     LayoutDoc,
     LocationIn,
 )
-from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
+from ckptd.api.services.checkpoint_pages import layout_summary
 from ckptd.api.services.runs import get_run
 from ckptd.api.uris import require_within
-from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -37,7 +35,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "failed": frozenset({"deleting"}),
     "deleted": frozenset(),
 }
-SORT_KEYS = ("step", "created_at", "nbytes", "id")
 
 
 def transition(ckpt: Checkpoint, new_state: str, *, error: str | None = None) -> None:
@@ -151,97 +148,8 @@ def update_checkpoint(session: Session, *, checkpoint_id: int, data: CheckpointU
     return ckpt
 
 
-def list_checkpoints(
-    session: Session,
-    *,
-    run: str | None = None,
-    state: str | None = None,
-    tag: str | None = None,
-    tier: str | None = None,
-    min_step: int | None = None,
-    max_step: int | None = None,
-    sort: str = "-step",
-    limit: int = 50,
-    cursor: str | None = None,
-) -> tuple[list[Checkpoint], str | None]:
-    """Filtered, sorted, cursor-paginated checkpoints. ``sort`` is ``[-]step|created_at|nbytes|id`` or
-    ``[-]metric:<name>`` (only checkpoints that have the metric)."""
-    check_limit(limit)
-    descending = sort.startswith("-")
-    key_name = sort.lstrip("-")
-    query: Select[Any] = select(Checkpoint)
-    key_col: Any
-    key_type: type
-    if key_name.startswith("metric:"):
-        metric = key_name[len("metric:") :]
-        query = query.join(
-            CheckpointMetric,
-            (CheckpointMetric.checkpoint_id == Checkpoint.id) & (CheckpointMetric.name == metric),
-        )
-        key_col, key_type = CheckpointMetric.value, float
-    elif key_name in SORT_KEYS:
-        key_col = getattr(Checkpoint, key_name)
-        key_type = str if key_name == "created_at" else int
-        if key_name == "nbytes":
-            query = query.where(Checkpoint.nbytes.is_not(None))
-    else:
-        raise InvalidRequestError(f"cannot sort by {sort!r}")
-    if run is not None:
-        query = query.where(Checkpoint.run_id == get_run(session, name=run).id)
-    if state is not None:
-        query = query.where(Checkpoint.state == state)
-    if tag is not None:
-        query = query.where(
-            select(CheckpointTag.tag)
-            .where(CheckpointTag.checkpoint_id == Checkpoint.id, CheckpointTag.tag == tag)
-            .exists()
-        )
-    if tier is not None:
-        query = query.where(
-            select(Location.tier)
-            .where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier)
-            .exists()
-        )
-    if min_step is not None:
-        query = query.where(Checkpoint.step >= min_step)
-    if max_step is not None:
-        query = query.where(Checkpoint.step <= max_step)
-    if cursor is not None:
-        key, row_id = decode_cursor(cursor, key_type)
-        if key_name == "created_at":
-            try:
-                key = datetime.fromisoformat(key)
-            except ValueError as e:
-                raise InvalidRequestError("malformed pagination cursor") from e
-        query = query.where(after(key_col, Checkpoint.id, key, row_id, descending=descending))
-    order: list[ColumnElement[Any]] = (
-        [key_col.desc(), Checkpoint.id.desc()] if descending else [key_col.asc(), Checkpoint.id.asc()]
-    )
-    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)).unique())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = None
-    if more and rows:
-        last = rows[-1]
-        if key_name.startswith("metric:"):
-            value: Any = next(m.value for m in last.metrics if m.name == key_name[len("metric:") :])
-        elif key_name == "created_at":
-            value = last.created_at.isoformat()
-        else:
-            value = getattr(last, key_name)
-        next_cursor = encode_cursor(value, last.id)
-    return rows, next_cursor
-
-
 def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
-    summary = None
-    if ckpt.layout is not None:
-        arrays = ckpt.layout.get("arrays", {})
-        summary = {
-            "mesh": ckpt.layout.get("mesh", {}),
-            "arrays": len(arrays),
-            "dtypes": dict(Counter(a.get("dtype", "?") for a in arrays.values())),
-        }
+    """One loaded checkpoint as the API shows it (pages are built by ``checkpoint_pages``, alike)."""
     return CheckpointPublic.model_validate(
         {
             "id": ckpt.id,
@@ -255,7 +163,7 @@ def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:
             "locations": [
                 {"tier": loc.tier, "uri": loc.uri, "created_at": loc.created_at} for loc in ckpt.locations
             ],
-            "layout_summary": summary,
+            "layout_summary": layout_summary(ckpt.layout),
             "error": ckpt.error,
             "created_at": ckpt.created_at,
             "committed_at": ckpt.committed_at,

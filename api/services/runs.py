@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 RUN_SORTS = ("created_at", "-created_at", "name", "-name")
+_RUN_COLUMNS = (
+    Run.id,
+    Run.name,
+    Run.status,
+    Run.config,
+    Run.roots,
+    Run.retention,
+    Run.created_at,
+    Run.updated_at,
+)
 
 
 def get_run(session: Session, *, name: str) -> Run:
@@ -85,7 +96,7 @@ def list_runs(
     key_col: InstrumentedAttribute[str] | InstrumentedAttribute[datetime] = (
         Run.name if key_name == "name" else Run.created_at
     )
-    query = select(Run)
+    query = select(*_RUN_COLUMNS)  # rows, not ORM objects: a page of runs is read, never changed
     if status is not None:
         query = query.where(Run.status == status)
     if name_prefix:
@@ -102,11 +113,11 @@ def list_runs(
     order: list[ColumnElement[Any]] = (
         [key_col.desc(), Run.id.desc()] if descending else [key_col.asc(), Run.id.asc()]
     )
-    runs = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    runs = session.execute(query.order_by(*order).limit(limit + 1)).all()
     more = len(runs) > limit
     runs = runs[:limit]
     stats = run_stats(session, run_ids=[r.id for r in runs])
-    items = [run_public(r, stats.get(r.id)) for r in runs]
+    items = [_public(r._mapping, stats.get(r.id)) for r in runs]
     next_cursor = None
     if more and runs:
         last = runs[-1]
@@ -133,19 +144,9 @@ def run_stats(session: Session, *, run_ids: list[int]) -> dict[int, tuple[int, i
 
 
 def run_public(run: Run, stats: tuple[int, int, int | None] | None = None) -> RunPublic:
+    return _public({c.key: getattr(run, c.key) for c in _RUN_COLUMNS}, stats)
+
+
+def _public(run: Mapping[str, Any], stats: tuple[int, int, int | None] | None) -> RunPublic:
     n, committed, latest = stats or (0, 0, None)
-    return RunPublic.model_validate(
-        {
-            "id": run.id,
-            "name": run.name,
-            "status": run.status,
-            "config": run.config,
-            "roots": run.roots,
-            "retention": run.retention,
-            "created_at": run.created_at,
-            "updated_at": run.updated_at,
-            "checkpoints": n,
-            "committed": committed,
-            "latest_step": latest,
-        }
-    )
+    return RunPublic.model_validate({**run, "checkpoints": n, "committed": committed, "latest_step": latest})

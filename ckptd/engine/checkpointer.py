@@ -9,6 +9,12 @@
             ...
             ckpt.step(step + 1, metrics={"loss": loss})
 
+With ``catalog=`` (rank 0 only) the run and every checkpoint (pending, then committed or
+failed) are registered in the REST catalog from a background thread; ``restore(select=...)``
+resolves ``best:<metric>`` and aliases through it, and an operator's rollback request
+(``POST /api/v1/runs/{run}/rollback``) is applied in place at a step boundary, after which
+``ckpt.rolled_back`` names the step the loop must continue from (see ``step()``).
+
 At a step boundary where some tier's policy fires, ``step()`` stages a snapshot into the
 reused host pool (optimizer-owned tensors lazily, see ``snapshot.py``) and returns; the
 flush threads persist it. Everything the ranks must do together (which step to save, when
@@ -22,13 +28,13 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ckptd.engine import rng
-from ckptd.engine.catalog import CatalogNotifier
-from ckptd.engine.config import CheckpointerConfig, Retention, ShardSpec, TierConfig
+from ckptd.engine.catalog import CatalogLink
+from ckptd.engine.config import CatalogConfig, CheckpointerConfig, Retention, ShardSpec, TierConfig
 from ckptd.engine.coordination import Coordinator, DistributedCoordinator, LocalCoordinator
 from ckptd.engine.flusher import Flusher
 from ckptd.engine.policy import SavePolicy
@@ -39,7 +45,11 @@ from ckptd.engine.tiers import ENGINE_KEY, MemoryTier, StoreTier
 from ckptd.format.codecs import CodecSpec
 from ckptd.format.errors import CheckpointError, LayoutError
 from ckptd.format.manifest import Manifest
+from ckptd.format.run import step_dir
 from ckptd.format.tree import flatten
+
+if TYPE_CHECKING:
+    from ckptd.api.client import RollbackPointer
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT_CODE = 143
@@ -75,7 +85,7 @@ class Checkpointer:
         codec: CodecSpec | str | None = None,
         host_budget_bytes: int | None = None,
         layouts: Mapping[str, ShardSpec | Sequence[Any]] | None = None,
-        catalog: str | None = None,
+        catalog: str | CatalogConfig | None = None,
         run_name: str | None = None,
         storage_options: dict[str, Any] | None = None,
         lazy: bool = True,
@@ -106,7 +116,8 @@ class Checkpointer:
             if t.kind == "memory":
                 self.memory = MemoryTier(t)
             else:
-                self.stores.append(StoreTier(t, self.coordinator, on_commit=self._on_commit))
+                self.stores.append(StoreTier(t, self.coordinator, on_commit=self._on_commit,
+                                             on_pending=self._on_pending, on_failed=self._on_failed))
         self.flushers = [Flusher(tier, i) for i, tier in enumerate(self.stores)]
         # held + flushing per durable tier, the memory tier's snapshots, and one being staged
         slots = 2 * len(self.stores) + (self.memory.keep if self.memory else 0) + 1
@@ -118,11 +129,16 @@ class Checkpointer:
         self._seq = 0
         self.signals = PreemptionHandler()
         self._signals_installed = cfg.handle_signals and self.signals.install()
-        self.catalog: CatalogNotifier | None = None
-        if cfg.catalog and self.rank == 0:
+        self.catalog: CatalogLink | None = None
+        if isinstance(cfg.catalog, CatalogConfig) and self.rank == 0:
             name = cfg.run_name or cfg.uri.rstrip("/").rsplit("/", 1)[-1]
             roots: dict[str, str] = {s.config.kind: s.run.url for s in self.stores}
-            self.catalog = CatalogNotifier(cfg.catalog, run=name, roots=roots)
+            self.catalog = CatalogLink(cfg.catalog, run=name, roots=roots)
+        self.rolled_back: int | None = None
+        """The step restored in place by the last ``step()`` call (an operator's rollback from the
+        catalog), else None. When set, the live state is that checkpoint's: continue from it."""
+        self._parent: int | None = None
+        self._parents: dict[int, int | None] = {}
         self.last_saved: int | None = None
         self.blocked_s = 0.0
         """Total time ``step()``/``save()`` spent staging (the training-visible cost)."""
@@ -157,18 +173,37 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- save path
     def step(self, step: int, *, metrics: Mapping[str, float] | None = None) -> bool:
-        """Step boundary: snapshot when a tier's policy fires. Returns whether a snapshot was taken."""
+        """Step boundary (``step`` = optimizer steps done): snapshot when a tier's policy fires.
+
+        Returns whether a snapshot was taken. When the catalog's rollback pointer names a
+        checkpoint (polled in the background by rank 0), every rank restores it here instead,
+        in place, from its fastest tier holding it, and ``self.rolled_back`` is that step
+        (None after any other call): the loop must continue from it::
+
+            step = ckpt.restore()
+            while step < total:
+                loss = train_step()
+                step += 1
+                ckpt.step(step, metrics={"loss": loss})
+                if ckpt.rolled_back is not None:
+                    step = ckpt.rolled_back
+        """
         self._check_open()
+        self.rolled_back = None
         self._raise_errors()
         now = time.monotonic()
         due = {t.name for t in self._tier_configs if self.policies[t.name].due_by_step(step)}
         timed = [int(self.policies[t.name].due_by_time(now)) for t in self._tier_configs]
         busy = [int(not f.idle) for f in self.flushers]
         preempt, terminate = int(self.signals.requested is not None), int(self.signals.terminate)
-        agreed = self._agree([preempt, terminate, *timed, *busy])
-        preempt, terminate = agreed[0], agreed[1]
-        due.update(t.name for t, flag in zip(self._tier_configs, agreed[2:], strict=False) if flag)
-        idle = [not b for b in agreed[2 + len(self._tier_configs):]]
+        pointer = self.catalog.take_rollback() if self.catalog is not None else None
+        # the rollback target travels with the other step-boundary flags: one small all-reduce on
+        # the engine's gloo group (never the training group), and only rank 0 knows the pointer
+        target = pointer.checkpoint.step + 1 if pointer is not None else 0
+        agreed = self._agree([preempt, terminate, target, *timed, *busy])
+        preempt, terminate, target = agreed[0], agreed[1], agreed[2] - 1
+        due.update(t.name for t, flag in zip(self._tier_configs, agreed[3:], strict=False) if flag)
+        idle = [not b for b in agreed[3 + len(self._tier_configs):]]
         if preempt:
             self._snapshot(step, metrics, {t.name for t in self._tier_configs}, idle)
             self.wait()
@@ -176,6 +211,9 @@ class Checkpointer:
             if terminate and self.config.exit_on_preempt:
                 raise SystemExit(SIGTERM_EXIT_CODE)
             return True
+        if target >= 0:
+            self._roll_back_in_place(target, pointer)
+            return False
         if due:
             self._snapshot(step, metrics, due, idle)
             return True
@@ -236,6 +274,10 @@ class Checkpointer:
         finally:
             snap.release()
         self.last_saved = step
+        self._parents[step] = self._parent
+        self._parent = step
+        for older in [k for k in self._parents if k < step][:-64]:
+            del self._parents[older]
         self._pump(idle)
         self.blocked_s += time.perf_counter() - t0
 
@@ -265,30 +307,75 @@ class Checkpointer:
             first.add_note(f"also: {other}")
         raise first
 
+    # ---------------------------------------------------------------- catalog notifications
+    # Called on the flush threads of rank 0; each only queues a notification (never blocks).
+    def _where(self, tier: str, step: int) -> tuple[str, str]:
+        store = next(s for s in self.stores if s.name == tier)
+        return store.config.kind, f"{store.run.url}/{step_dir(step)}"
+
+    def _on_pending(self, tier: str, snap: Snapshot) -> None:
+        if self.catalog is not None:
+            kind, uri = self._where(tier, snap.step)
+            self.catalog.pending(kind, uri, snap.step, snap.metrics, self._parents.get(snap.step))
+
     def _on_commit(self, tier: str, manifest: Manifest) -> None:
         if self.catalog is not None:
-            store = next(s for s in self.stores if s.name == tier)
-            self.catalog.committed(store.config.kind, f"{store.run.url}/step_{manifest.step:010d}", manifest)
+            kind, uri = self._where(tier, manifest.step)
+            self.catalog.committed(kind, uri, manifest, self._parents.get(manifest.step))
+
+    def _on_failed(self, tier: str, step: int, error: BaseException) -> None:
+        if self.catalog is not None:
+            kind, uri = self._where(tier, step)
+            self.catalog.failed(kind, uri, step, f"{type(error).__name__}: {error}")
 
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError("this Checkpointer is closed")
 
     # ---------------------------------------------------------------- restore path
-    def restore(self, step: int | None = None) -> int:
-        """Load the newest committed, verified checkpoint (or ``step``) into the state; 0 when none.
+    def restore(self, step: int | None = None, *, select: str | int | None = None) -> int:
+        """Load a committed, verified checkpoint into the state and return its step (0: none).
 
-        The fastest tier holding it is used. A checkpoint that fails to load (corrupt chunk,
-        missing shard) is reported in ``restore_problems`` and the previous one is tried.
+        Which one (``step=n`` is the same as ``select=n``):
+
+        * nothing, or ``select="latest"``: the catalog's rollback pointer when an operator set one
+          (it is then acknowledged, and the checkpoints after it are discarded: that trajectory
+          was abandoned), else the newest committed checkpoint in storage (the source of truth:
+          a catalog that was down may lag behind it). A damaged one is reported in
+          ``restore_problems`` and the previous one is tried;
+        * an int ``n`` or ``"step:n"``: exactly that step;
+        * ``"best:<metric>"`` (``best:<metric>:max`` for accuracies): through the catalog, or from the
+          metrics recorded in the manifests when no catalog answers;
+        * any other string: a user alias of the run in the catalog; ``CheckpointError`` when the
+          catalog is not configured, unreachable, or has no such alias.
+
+        The fastest tier holding the chosen checkpoint is read. Rank 0 resolves the selection
+        (only it talks to the catalog); the ranks agree on it over the engine's own group.
         """
         self._check_open()
         self.stager.wait_all()
-        wanted = step
-        if wanted is None and self.catalog is not None:
-            wanted = self.catalog.rollback_step()
+        if step is not None and select is not None:
+            raise CheckpointError("give restore() a step or a select, not both")
+        selection = step if select is None else select
+        wanted: int | None = None
+        pointer: RollbackPointer | None = None
+        problem: str | None = None
+        if self.rank == 0 or isinstance(selection, int):
+            try:
+                wanted, pointer = self._resolve(selection)
+            except CheckpointError as e:
+                if self.coordinator.world_size == 1:
+                    raise
+                problem = str(e)
         if self.coordinator.world_size > 1:
-            wanted = self.coordinator.agree_max(-1 if wanted is None else wanted)
-            wanted = None if wanted < 0 else wanted
+            flags = self.coordinator.agree_max_all(
+                [0 if wanted is None else wanted + 1, int(problem is not None), int(pointer is not None)])
+            wanted = flags[0] - 1 if flags[0] > 0 else None
+            if flags[1]:
+                raise CheckpointError(problem or f"rank 0 could not resolve select={selection!r}")
+            from_pointer = bool(flags[2])
+        else:
+            from_pointer = pointer is not None
         below: int | None = None
         while True:
             candidates = self._candidates()
@@ -299,19 +386,128 @@ class Checkpointer:
             choice = self.coordinator.agree_min(max(candidates, default=-1))
             if choice < 0:
                 if wanted is not None:
-                    raise CheckpointError(f"step {wanted} is not committed in any tier")
+                    raise CheckpointError(f"step {wanted} is not committed in any tier"
+                                          + (f" ({'; '.join(self.restore_problems)})"
+                                             if self.restore_problems else ""))
                 if self.restore_problems:
                     raise CheckpointError("no committed checkpoint could be loaded: "
                                           + "; ".join(self.restore_problems))
                 return 0
             ok = self._load(choice)
             if self.coordinator.agree_min(int(ok)):
-                for p in self.policies.values():
-                    p.saved(choice, time.monotonic())
-                if wanted is not None and self.catalog is not None and step is None:
-                    self.catalog.acknowledge_rollback()
+                self._resumed(choice, pointer, discard_newer=from_pointer)
                 return choice
             below = choice
+
+    def _resolve(self, selection: str | int | None) -> tuple[int | None, RollbackPointer | None]:
+        """(step to restore or None for the newest, the rollback pointer it comes from)."""
+        if selection is None or selection == "latest":
+            pointer = self.catalog.rollback_pointer() if self.catalog is not None else None
+            return (None, None) if pointer is None else (pointer.checkpoint.step, pointer)
+        if isinstance(selection, str) and selection.startswith("step:"):
+            try:
+                selection = int(selection[len("step:"):])
+            except ValueError:
+                raise CheckpointError(f"select={selection!r}: the step must be an integer") from None
+        if isinstance(selection, int) and not isinstance(selection, bool):
+            if selection < 0:
+                raise CheckpointError(f"cannot restore a negative step ({selection})")
+            return selection, None
+        if not isinstance(selection, str) or not selection:
+            raise CheckpointError(f"select must be 'latest', 'best:<metric>', a step or an alias, "
+                                  f"got {selection!r}")
+        ref = self.catalog.resolve(selection) if self.catalog is not None else None
+        if ref is not None:
+            return ref.step, None
+        if selection.startswith("best:"):
+            metric, _, mode = selection[len("best:"):].partition(":")
+            if not metric or mode not in ("", "min", "max"):
+                raise CheckpointError(f"select={selection!r} must be best:<metric>[:min|:max]")
+            best = self._best_in_storage(metric, maximize=mode == "max")
+            if best is None:
+                raise CheckpointError(f"no committed checkpoint of this run records the metric {metric!r}")
+            return best, None
+        if self.catalog is None:
+            raise CheckpointError(f"select={selection!r} names an alias, and aliases live in the catalog: "
+                                  "pass Checkpointer(catalog=...)")
+        if not self.catalog.reachable():
+            raise CheckpointError(f"cannot resolve alias {selection!r}: the catalog at "
+                                  f"{self.catalog.config.url} is unreachable")
+        raise CheckpointError(f"the catalog at {self.catalog.config.url} has no committed checkpoint "
+                              f"named {selection!r} in run {self.catalog.run!r}")
+
+    def _best_in_storage(self, metric: str, *, maximize: bool) -> int | None:
+        """The committed step with the best ``metric`` in its manifest (newest on ties)."""
+        scored: list[tuple[float, int]] = []
+        for store in self.stores:
+            try:
+                steps = store.steps()
+            except CheckpointError as e:
+                self.restore_problems.append(f"{store.name}: {e}")
+                continue
+            for s in steps:
+                value = store.metrics_of(s).get(metric)
+                if value is not None:
+                    scored.append((-value if maximize else value, -s))
+        return -min(scored)[1] if scored else None
+
+    def _resumed(self, step: int, pointer: RollbackPointer | None, *, discard_newer: bool) -> None:
+        """Bookkeeping after every rank loaded checkpoint ``step``."""
+        now = time.monotonic()
+        for p in self.policies.values():
+            p.saved(step, now)
+        self._parent = step
+        if discard_newer:  # a rollback: what came after ``step`` is an abandoned trajectory
+            if self.memory is not None:
+                self.memory.discard_after(step)
+            for store in self.stores:
+                try:
+                    gone = store.discard_after(step)
+                except (CheckpointError, OSError) as e:
+                    log.warning("%s: could not discard the checkpoints after step %d: %s",
+                                store.name, step, e)
+                    continue
+                if gone:
+                    log.info("%s: rollback to step %d discarded steps %s", store.name, step, gone)
+        if self.catalog is not None and pointer is not None:
+            self.catalog.forget_after(step)
+            self.catalog.rollback_done(pointer)
+
+    def _holds(self, step: int) -> bool:
+        if self.memory is not None and self.memory.get(step) is not None:
+            return True
+        for s in self.stores:
+            try:
+                if s.run.is_committed(step):
+                    return True
+            except (CheckpointError, OSError):
+                continue
+        return False
+
+    def _roll_back_in_place(self, target: int, pointer: RollbackPointer | None) -> None:
+        """Every rank: restore checkpoint ``target`` into the live state at this step boundary."""
+        t0 = time.perf_counter()
+        self.stager.wait_all()  # lazy copies read the live tensors we are about to overwrite
+        for i in [i for i, snap in self._held.items() if snap.step > target]:
+            self._held.pop(i).release()  # never persist a snapshot of the abandoned trajectory
+        for f in self.flushers:
+            f.wait_idle()  # a persist in flight (collective) ends before its step may be discarded
+        if not self.coordinator.agree_min(int(self._holds(target))):
+            log.error("rollback to step %d requested through the catalog: no tier holds it on every "
+                      "rank; training continues from the current state", target)
+            if self.catalog is not None and pointer is not None:
+                self.catalog.rollback_skipped(pointer)
+            return
+        ok = self._load(target)
+        if not self.coordinator.agree_min(int(ok)):
+            why = "; ".join(self.restore_problems[-3:])
+            raise CheckpointError(f"rollback to step {target} failed ({why}); the live state may be partly "
+                                  "restored")
+        self._resumed(target, pointer, discard_newer=True)
+        self.rolled_back = target
+        self.blocked_s += time.perf_counter() - t0
+        log.warning("rolled back in place to step %d (requested through the catalog%s)", target,
+                    f": {pointer.reason}" if pointer is not None and pointer.reason else "")
 
     def rollback(self) -> int:
         """Instant in-process rollback to the newest snapshot held in host memory."""

@@ -8,6 +8,7 @@ them are checked in ``__post_init__`` so a typo fails at construction, not at st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -148,6 +149,42 @@ class ShardSpec:
 
 
 @dataclass(kw_only=True, slots=True)
+class CatalogConfig:
+    """Where the REST catalog is and how the engine talks to it (rank 0 only; see ``catalog.py``).
+
+    Nothing here can make training wait: notifications go through a bounded queue to one
+    background thread, and a catalog that does not answer only costs dropped notifications
+    (``ckptd catalog sync URI`` reconciles from storage later).
+    """
+
+    url: str
+    """``http://host:port`` of ``ckptd serve``."""
+    token: str | None = field(default_factory=lambda: os.environ.get("CKPTD_API_TOKEN") or None)
+    """Bearer token for the mutating calls (default ``$CKPTD_API_TOKEN``)."""
+    poll_s: float | None = 10.0
+    """Seconds between reads of the run's rollback pointer while training (None: never poll;
+    ``restore()`` still honours a pointer set before the job started)."""
+    queue_size: int = 1024
+    """Notifications waiting for the catalog; beyond this, new ones are dropped (and counted)."""
+    timeout_s: float = 2.0
+    """Per-attempt HTTP timeout of the engine's calls."""
+    deadline_s: float = 5.0
+    """One call, its retries included, never takes longer than this."""
+    close_timeout_s: float = 10.0
+    """How long ``close()`` lets queued notifications drain while the catalog answers."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise CheckpointError(f"catalog must be an http(s):// URL, got {self.url!r}")
+        _positive("poll_s", self.poll_s)
+        _positive("queue_size", self.queue_size)
+        _positive("timeout_s", self.timeout_s)
+        _positive("deadline_s", self.deadline_s)
+        if self.close_timeout_s < 0:
+            raise CheckpointError(f"close_timeout_s must be >= 0, got {self.close_timeout_s}")
+
+
+@dataclass(kw_only=True, slots=True)
 class CheckpointerConfig:
     """Everything ``ckptd.Checkpointer`` takes besides the live state."""
 
@@ -174,8 +211,10 @@ class CheckpointerConfig:
     exit_on_preempt: bool = True
     """After the SIGTERM checkpoint is durable, raise ``SystemExit`` from ``step()``."""
     save_rng: bool = True
-    catalog: str | None = None
+    catalog: CatalogConfig | str | None = None
+    """The REST catalog (a URL or a ``CatalogConfig``); a URL becomes ``CatalogConfig(url=...)``."""
     run_name: str | None = None
+    """The run's name in the catalog (default: the last segment of ``uri``)."""
     commit_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -192,6 +231,8 @@ class CheckpointerConfig:
             raise CheckpointError(f"memory_keep must be >= 0, got {self.memory_keep}")
         if isinstance(self.codec, str):
             self.codec = CodecSpec.parse(self.codec)
+        if isinstance(self.catalog, str):
+            self.catalog = CatalogConfig(url=self.catalog)
         names = [t.name for t in self.tiers]
         if len(names) != len(set(names)):
             raise CheckpointError(f"tiers are listed twice: {names}")

@@ -31,6 +31,10 @@ ENGINE_KEY = "ckptd.engine"
 """Manifest metadata written by the engine: metrics and the per-rank RNG states."""
 
 Committed = Callable[[str, Manifest], None]
+Pending = Callable[[str, Snapshot], None]
+Failed = Callable[[str, int, BaseException], None]
+"""Observers of a store tier's checkpoints (rank 0 only; they must return at once: the engine's
+catalog link just queues a notification)."""
 
 
 class MemoryTier:
@@ -56,6 +60,14 @@ class MemoryTier:
 
     def steps(self) -> list[int]:
         return [s.step for s in self._snapshots]
+
+    def discard_after(self, step: int) -> None:
+        """Drop snapshots newer than ``step`` (a rollback abandoned them)."""
+        keep = [s for s in self._snapshots if s.step <= step]
+        for s in self._snapshots:
+            if s.step > step:
+                s.release()
+        self._snapshots = collections.deque(keep)
 
     def get(self, step: int) -> Snapshot | None:
         return next((s for s in self._snapshots if s.step == step), None)
@@ -86,13 +98,16 @@ class StoreTier:
     """A run root (local path or fsspec URL) with the tier's retention."""
 
     def __init__(self, config: TierConfig, coordinator: Coordinator, *,
-                 on_commit: Committed | None = None) -> None:
+                 on_commit: Committed | None = None, on_pending: Pending | None = None,
+                 on_failed: Failed | None = None) -> None:
         assert config.uri is not None
         self.config = config
         self.name = config.name
         self.coordinator = coordinator
         self.run = Run(open_store(config.uri, config.storage_options))
         self.on_commit = on_commit
+        self.on_pending = on_pending
+        self.on_failed = on_failed
         self._metrics: dict[int, dict[str, float]] = {}
         self.committed: list[int] = []
         """Steps this process committed (or saw committed by its job), in order."""
@@ -104,6 +119,8 @@ class StoreTier:
         if self.run.is_committed(snap.step):
             return  # the same step is already durable here (a forced save after a periodic one)
         rank, world = self.coordinator.rank, self.coordinator.world_size
+        if rank == 0 and self.on_pending is not None:
+            self.on_pending(self.name, snap)
         try:
             self.coordinator.commit(
                 key,
@@ -115,6 +132,8 @@ class StoreTier:
         except BaseException as e:
             if rank == 0:
                 self._discard(snap.step)
+                if self.on_failed is not None:
+                    self.on_failed(self.name, snap.step, e)
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{self.name}: checkpoint of step {snap.step} failed: {e}") from e
@@ -161,7 +180,7 @@ class StoreTier:
             pass
 
     # ---------------------------------------------------------------- retention
-    def _metrics_of(self, step: int) -> dict[str, float]:
+    def metrics_of(self, step: int) -> dict[str, float]:
         if step not in self._metrics:
             try:
                 meta = self.run.manifest(step).metadata.get(ENGINE_KEY, {})
@@ -177,11 +196,24 @@ class StoreTier:
         if rule.keeps_everything or self.coordinator.rank != 0:
             return []
         steps = self.run.steps()
-        metrics = {s: self._metrics_of(s) for s in steps} if rule.keep_best else {}
+        metrics = {s: self.metrics_of(s) for s in steps} if rule.keep_best else {}
         doomed = to_delete(steps, rule, metrics)
         for s in doomed:
             self.run.delete(s)
             self._metrics.pop(s, None)
+        return doomed
+
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the committed checkpoints newer than ``step`` (rank 0): after a rollback they
+        belong to an abandoned trajectory, and a later save of the same step must not be mistaken
+        for them (``persist`` skips steps that are already committed)."""
+        if self.coordinator.rank != 0:
+            return []
+        doomed = [s for s in self.run.steps() if s > step]
+        for s in doomed:
+            self.run.delete(s)
+            self._metrics.pop(s, None)
+        self.committed[:] = [s for s in self.committed if s <= step]
         return doomed
 
     # ---------------------------------------------------------------- restore

@@ -98,8 +98,10 @@ class LocalStore:
         if files:
             with ThreadPoolExecutor(min(_FLUSH_THREADS, len(files))) as pool:
                 list(pool.map(_fsync_file, files))
-        for d in dirs:
-            _fsync_dir(d)
+        if dirs:
+            # Every directory must be durable before the manifest; their order does not matter.
+            with ThreadPoolExecutor(min(_FLUSH_THREADS, len(dirs))) as pool:
+                list(pool.map(_fsync_dir, dirs))
 
     def write_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)

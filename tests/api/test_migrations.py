@@ -10,6 +10,7 @@ from sqlalchemy import inspect
 
 from tests.api.conftest import FreshDatabases
 
+HEAD = "0002"
 TABLES = {
     "runs",
     "checkpoints",
@@ -27,13 +28,13 @@ def test_upgrade_from_empty_and_round_trip(databases: FreshDatabases) -> None:
     db = Database(databases.new())
     assert db.revision() is None
     db.upgrade()
-    assert db.revision() == "0001"
+    assert db.revision() == HEAD
     assert set(inspect(db.engine).get_table_names()) == TABLES
     db.downgrade("base")
     assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
     assert db.revision() is None
     db.upgrade()
-    assert db.revision() == "0001"
+    assert db.revision() == HEAD
     db.upgrade()  # idempotent
     db.dispose()
 

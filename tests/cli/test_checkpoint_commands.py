@@ -53,14 +53,14 @@ def test_inspect_reports_shapes_dtypes_bytes_and_codecs(run_root: Path, capsys: 
 
 def test_verify_names_the_corrupt_chunk_and_fails(run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--all", "--quiet", str(run_root)]) == 0
-    shard = run_root / "step_0000000020" / "model" / "w" / "c" / "0" / "0"
+    shard = run_root / "step_0000000020" / "model" / "w" / "c.0.0"
     data = bytearray(shard.read_bytes())
     data[3] ^= 0x01
     shard.write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["verify", "--quiet", str(run_root)]) == 1
     out = capsys.readouterr().out
-    assert "model/w/c/0/0" in out and "crc32c mismatch" in out
+    assert "model/w/c.0.0" in out and "crc32c mismatch" in out
     assert main(["verify", "--quiet", "--step", "10", str(run_root)]) == 0
 
 

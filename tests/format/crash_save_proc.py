@@ -22,8 +22,10 @@ def make_state(seed: int) -> dict[str, object]:
     return {
         "model": {
             "embed": torch.randn(512, 512, generator=g),  # 1 MiB
-            "layers": [{"w": torch.randn(256, 512, generator=g).bfloat16(), "b": torch.randn(512, generator=g)}
-                       for _ in range(4)],
+            "layers": [
+                {"w": torch.randn(256, 512, generator=g).bfloat16(), "b": torch.randn(512, generator=g)}
+                for _ in range(4)
+            ],
             "head": torch.randn(300, 700, generator=g),
         },
         "optim": {"exp_avg": torch.randn(700, 600, generator=g), "step": torch.tensor(seed)},

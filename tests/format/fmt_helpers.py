@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-
 from ckptd.format.dtypes import _TABLE
 
 ALL_DTYPES: list[torch.dtype] = [d.torch_dtype for d in _TABLE]

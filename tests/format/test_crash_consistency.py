@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ckptd.format import Run
+from ckptd.format.run import step_dir
 from crash_save_proc import make_state
 from fmt_helpers import assert_tree_equal
 
 import ckptd
-from ckptd.format import Run
-from ckptd.format.run import step_dir
 from ckptd.storage import open_store
 
 PROC = Path(__file__).with_name("crash_save_proc.py")
@@ -42,8 +42,9 @@ def _spawn(uri: str, step: int, seed: int, opts: dict[str, Any] | None, cwd: Pat
     args = [sys.executable, "-P", str(PROC), uri, str(step), str(seed)]
     if opts is not None:
         args.append(json.dumps(opts))
-    p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=cwd)
+    p = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
+    )
     return p
 
 
@@ -122,7 +123,9 @@ def _campaign(base_uri: str, opts: dict[str, Any] | None, runs: int, cwd: Path, 
             if tally.runs % 4 == 1:
                 run.gc_uncommitted(min_age_s=0)
                 assert run.uncommitted() == []
-            ckptd.save(make_state(seeds[STEP_N + 1]), uri, step=STEP_N + 1, storage_options=opts, overwrite=True)
+            ckptd.save(
+                make_state(seeds[STEP_N + 1]), uri, step=STEP_N + 1, storage_options=opts, overwrite=True
+            )
             assert run.steps() == [STEP_N, STEP_N + 1] and run.verify(STEP_N + 1) == []
         done += len(batch)
     # The campaign is not vacuous: most kills landed inside the save and left partial data behind.

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from ckptd.format import CheckpointWriter, LayoutError, MetadataError, Run, ShardBox
+from ckptd.format.writer import report_from_json, report_to_json
 from fmt_helpers import ALL_DTYPES, assert_bits_equal, assert_tree_equal, random_bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptd
-from ckptd.format import CheckpointWriter, LayoutError, MetadataError, Run, ShardBox
-from ckptd.format.writer import report_from_json, report_to_json
 from ckptd.storage import LocalStore
 
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in ALL_DTYPES]
@@ -58,8 +58,9 @@ def test_every_logical_dtype_round_trips_bit_exactly(dtype: torch.dtype, tmp_pat
 
 
 def test_nan_payloads_survive(tmp_path: Path) -> None:
-    payloads = torch.tensor([0x7FF8000000000001, 0x7FF0000000000001, -0x0008000000000001, 0x7FFFFFFFFFFFFFFF],
-                            dtype=torch.int64)
+    payloads = torch.tensor(
+        [0x7FF8000000000001, 0x7FF0000000000001, -0x0008000000000001, 0x7FFFFFFFFFFFFFFF], dtype=torch.int64
+    )
     f64 = payloads.view(torch.float64)
     f32 = torch.tensor([0x7FC00001, 0x7F800001, -0x003FFFFF], dtype=torch.int32).view(torch.float32)
     bf16 = torch.tensor([0x7FC1, 0x7F81, -0x003F], dtype=torch.int16).view(torch.bfloat16)
@@ -108,8 +109,12 @@ def test_load_into_non_contiguous_destination(tmp_path: Path) -> None:
 
 def test_shape_mismatch_is_a_layout_error(tmp_path: Path) -> None:
     ckptd.save({"w": torch.ones(4, 5), "nested": {"b": torch.ones(3)}}, str(tmp_path), step=1)
-    for bad in ({"w": torch.zeros(5, 4)}, {"w": torch.zeros(4, 5, 1)}, {"w": torch.zeros(())},
-                {"nested": {"b": torch.zeros(4)}}):
+    for bad in (
+        {"w": torch.zeros(5, 4)},
+        {"w": torch.zeros(4, 5, 1)},
+        {"w": torch.zeros(())},
+        {"nested": {"b": torch.zeros(4)}},
+    ):
         with pytest.raises(LayoutError):
             ckptd.load(bad, str(tmp_path))
 
@@ -124,8 +129,26 @@ def test_nested_state_with_json_values(tmp_path: Path) -> None:
         "list": [[], [1, [2, [3]]], {"k": torch.zeros(1, dtype=torch.bool)}],
         "floats": [float("nan"), float("inf"), float("-inf"), -0.0, 1e-310, 1.7976931348623157e308],
         "misc": {"none": None, "true": True, "false": False, "big": 2**70, "str": "ünïcødé\n\x00"},
-        "odd keys": {"a/b": 1, "..": 2, ".": 3, "": 4, "c": 5, "zarr.json": 6, "manifest.json": 7,
-                     "\u2603": torch.ones(1), "$ckptd": 8, ".hidden": torch.zeros(2)},
+        "odd keys": {
+            "a/b": 1,
+            "..": 2,
+            ".": 3,
+            "": 4,
+            "c": 5,
+            "zarr.json": 6,
+            "manifest.json": 7,
+            "\u2603": torch.ones(1),
+            "$ckptd": 8,
+            ".hidden": torch.zeros(2),
+            "\x00": 9,
+            ":colon": torch.ones(3),
+            "+plus": 10,
+            "=eq": 11,
+            "@at": torch.zeros(1),
+            ",comma": 12,
+            "%": 13,
+            "%25": 14,
+        },
         "dtype": torch.bfloat16,
         "empty": {},
     }
@@ -245,7 +268,9 @@ def _box_in(draw: st.DrawFn, shape: tuple[int, ...]) -> ShardBox:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=_array_and_chunking(), data=st.data())
-def test_any_box_of_any_array_reads_back(spec: tuple[tuple[int, ...], torch.dtype, int], data: st.DataObject) -> None:
+def test_any_box_of_any_array_reads_back(
+    spec: tuple[tuple[int, ...], torch.dtype, int], data: st.DataObject
+) -> None:
     shape, dtype, chunk_bytes = spec
     full = random_bits(shape, dtype, seed=len(shape) * 31 + sum(shape))
     with tempfile.TemporaryDirectory() as d:
@@ -277,10 +302,15 @@ def _writer_boxes(draw: st.DrawFn) -> tuple[tuple[int, ...], list[ShardBox]]:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layout=_writer_boxes(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]),
-       chunk_bytes=st.sampled_from([1, 16, 200, 4 * 2**20]), data=st.data())
-def test_many_writers_any_boxes(layout: tuple[tuple[int, ...], list[ShardBox]], dtype: torch.dtype,
-                                chunk_bytes: int, data: st.DataObject) -> None:
+@given(
+    layout=_writer_boxes(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int8]),
+    chunk_bytes=st.sampled_from([1, 16, 200, 4 * 2**20]),
+    data=st.data(),
+)
+def test_many_writers_any_boxes(
+    layout: tuple[tuple[int, ...], list[ShardBox]], dtype: torch.dtype, chunk_bytes: int, data: st.DataObject
+) -> None:
     shape, boxes = layout
     full = random_bits(shape, dtype, seed=len(boxes))
     with tempfile.TemporaryDirectory() as d:

@@ -12,10 +12,10 @@ import pytest
 import torch
 import zarr
 import zarr.storage
-from fmt_helpers import ALL_DTYPES, assert_bits_equal, random_bits
-
 from ckptd.format import CheckpointWriter, CodecSpec, Manifest, Run, ShardBox
 from ckptd.format.run import step_dir
+from fmt_helpers import ALL_DTYPES, assert_bits_equal, random_bits
+
 from ckptd.storage import open_store
 
 STEP = 3
@@ -121,13 +121,16 @@ def test_hierarchy_lists_every_array(tmp_path: Path) -> None:
     # zarr-python warns about manifest.json (not a Zarr node) at the group root; nothing else.
     assert all("manifest.json" in str(w.message) for w in caught), [str(w.message) for w in caught]
     expected = {p for p, a in m.arrays.items() if a.kind != "pieces"}
-    expected |= {f"{p}/piece-{i:05d}" for p, a in m.arrays.items() if a.kind == "pieces" for i in range(len(a.parts))}
+    expected |= {
+        f"{p}/piece-{i:05d}" for p, a in m.arrays.items() if a.kind == "pieces" for i in range(len(a.parts))
+    }
     assert arrays == expected
 
 
 @pytest.mark.s3
 def test_plain_zarr_opens_every_array_on_s3(s3_url: str, s3_storage_options: dict[str, Any]) -> None:
     m, expected = _build(s3_url, s3_storage_options)
-    store = zarr.storage.FsspecStore.from_url(f"{s3_url}/{step_dir(STEP)}", storage_options=s3_storage_options,
-                                              read_only=True)
+    store = zarr.storage.FsspecStore.from_url(
+        f"{s3_url}/{step_dir(STEP)}", storage_options=s3_storage_options, read_only=True
+    )
     _check_group(zarr.open_group(store=store, mode="r"), m, expected)

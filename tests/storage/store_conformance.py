@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from ckptd.format.errors import CheckpointError, StorageError
 from ckptd.format.store import Store
 
@@ -178,8 +177,14 @@ class StoreTests:
         assert store.list_dir("d") == ["b"]
 
     def test_delete_prefix_removes_everything_below_and_nothing_else(self, store: Store) -> None:
-        for key in ["step_1/a/c/0/0", "step_1/a/zarr.json", "step_1/manifest.json", "step_10/keep", "step_1x",
-                    "other/step_1/keep"]:
+        for key in [
+            "step_1/a/c/0/0",
+            "step_1/a/zarr.json",
+            "step_1/manifest.json",
+            "step_10/keep",
+            "step_1x",
+            "other/step_1/keep",
+        ]:
             store.write(key, [b"."])
         store.delete_prefix("step_1")
         assert not store.exists("step_1/a/c/0/0")

@@ -16,6 +16,11 @@ Gradient norm for clipping: each rank sums the squares of the gradient rows it o
 skipping copies (tp-replicated tensors count on tp rank 0, replicated stage-0 state on dp
 rank 0, the last stage's tied-embedding copy never), and one all-reduce over the world adds
 them up — correct across dp, tp and pp at once.
+
+``ZeroAdamW`` is a ``torch.optim.Optimizer``: its one parameter group holds this rank's fp32
+master pieces and ``state[master]`` their Adam moments — exactly the tensors :meth:`step`
+modifies. Step pre-hooks therefore run before any of them changes, which is where ckptd's lazy
+snapshots wait for their background copies (and nowhere else).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class ParamState:
             acc.add_(g)
 
 
-class ZeroAdamW:
+class ZeroAdamW(torch.optim.Optimizer):
     """The optimizer of one stage module on one rank."""
 
     def __init__(
@@ -81,6 +86,12 @@ class ZeroAdamW:
                 exp_avg_sq=[z.clone() for z in zeros],
                 grad=[z.clone() for z in zeros],
             )
+        masters = [w for st in self.states.values() for w in st.master]
+        defaults = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+        super().__init__(masters, defaults)
+        for st in self.states.values():
+            for w, m, v in zip(st.master, st.exp_avg, st.exp_avg_sq, strict=True):
+                self.state[w] = {"exp_avg": m, "exp_avg_sq": v}
         self._handles: list[RemovableHandle] = []
         if zero_stage == 2:
             for st in self.states.values():
@@ -108,7 +119,8 @@ class ZeroAdamW:
         mine = reduce_scatter_rows(st.shards.pack_all(full_grad.float()), self.ctx.dp_group)
         st.add_grad([g / self.ctx.dp for g in st.shards.unpad_own(mine)])
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the compute gradients and zero the fp32 gradient pieces (always kept allocated)."""
         for st in self.states.values():
             st.param.grad = None
             for g in st.grad:
@@ -149,7 +161,7 @@ class ZeroAdamW:
         return math.sqrt(float(all_reduce(total, ctx.world_group)))
 
     @torch.no_grad()
-    def step(self) -> float:
+    def step(self, closure: None = None) -> float:  # type: ignore[override]
         """Reduce gradients, clip, update the fp32 masters, refresh the compute weights. Returns the norm."""
         if self.zero_stage <= 1:
             self._collect_grads()

@@ -1,0 +1,113 @@
+"""Real catalog servers for the engine tests: uvicorn in a thread (port 0, as tests/api/conftest.py
+does), or ``ckptd serve`` in a subprocess that a test can SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+TOKEN = "engine-test-token-" + "y" * 16
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextmanager
+def thread_server(database_url: str) -> Iterator[str]:
+    """The catalog app under uvicorn on 127.0.0.1, port 0, in this process; yields its URL."""
+    import uvicorn
+
+    from ckptd.api.app import create_app
+    from ckptd.api.settings import CatalogSettings
+
+    app = create_app(CatalogSettings(database_url=database_url, api_token=TOKEN))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("catalog server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class ServeProcess:
+    """``python -m ckptd serve --db URL --port 0`` (the real command); the port is read from its log."""
+
+    def __init__(self, database_url: str, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptd", "serve", "--db", database_url, "--port", "0", "--log-level", "info"],
+            cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "CKPTD_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
+        self.lines: list[str] = []
+        found = threading.Event()
+        self.url = ""
+
+        def read() -> None:  # keeps draining the pipe for the life of the process
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+                if m:
+                    self.url = m.group(1)
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(timeout):
+            self.kill()
+            raise RuntimeError("ckptd serve did not start:\n" + "".join(self.lines[-30:]))
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handler runs, connections just break."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def dead_url() -> str:
+    """A URL on which nothing listens (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def checkpoints(url: str, run: str) -> list[dict[str, Any]]:
+    """Every checkpoint of ``run`` in the catalog, ascending by step (follows the cursor)."""
+    out: list[dict[str, Any]] = []
+    cursor: str | None = None
+    with httpx.Client(base_url=url, timeout=10) as c:
+        while True:
+            params: dict[str, Any] = {"run": run, "sort": "step", "limit": 200}
+            if cursor:
+                params["cursor"] = cursor
+            r = c.get("/api/v1/checkpoints", params=params)
+            r.raise_for_status()
+            doc = r.json()
+            out.extend(doc["items"])
+            cursor = doc["next_cursor"]
+            if not cursor:
+                return out
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
