@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-
 from ckptd.api.db import Database
 from ckptd.api.deps import DatabaseDep, SessionDep
 from ckptd.api.errors import (

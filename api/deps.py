@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 import anyio
-
 from ckptd.api.db import Database
 from ckptd.api.services.jobs import JobRunner
 from ckptd.api.services.retention import StorageDeleter

@@ -79,8 +79,13 @@ REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 KEEPALIVE_EXPIRY_S = 2.0
 """Below the servers' keep-alive timeout (uvicorn's default 5 s), as a client must be."""
-PACKAGE_DIRS = {"ckptd": "ckptd", "format": "ckptd/format", "converters": "ckptd/converters",
-                "api": "ckptd/api", "training": "ckptd/training"}
+PACKAGE_DIRS = {
+    "ckptd": "ckptd",
+    "format": "ckptd/format",
+    "converters": "ckptd/converters",
+    "api": "ckptd/api",
+    "training": "ckptd/training",
+}
 """``[tool.setuptools] package-dir`` of pyproject.toml: where each folder lands in the package."""
 
 
@@ -294,37 +299,223 @@ async def load(base: str, op: Any, clients: int, seconds: float) -> dict[str, An
     }
 
 
-def bench_backend(kind: str, url: str, args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
-    t = time.perf_counter()
-    seed(url)
-    seeded = time.perf_counter() - t
-    proc, base = start_server(url)
+MLFLOW_SEED = """
+import random, sys, uuid
+from mlflow.store.tracking.dbmodels import models as m
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+from sqlalchemy import insert
+from sqlalchemy.orm import sessionmaker
+
+url, artifacts, runs, per_run, t0_ms = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+store = SqlAlchemyStore(url, artifacts)  # creates MLflow's schema at its newest revision
+rng = random.Random(0)
+exps, rows, metrics, params, tags = [], [], [], [], []
+for r in range(runs):
+    exps.append({"experiment_id": r + 1, "name": f"run-{r:03d}", "artifact_location": f"{artifacts}/{r + 1}",
+                 "lifecycle_stage": "active", "creation_time": t0_ms + r * 60_000,
+                 "last_update_time": t0_ms + r * 60_000})
+    for i in range(per_run):
+        step = (i + 1) * 500
+        rid = uuid.UUID(int=rng.getrandbits(128)).hex
+        committed = bool(i % 17)
+        rows.append({"run_uuid": rid, "name": f"step_{step:010d}", "source_type": "LOCAL", "source_name": "",
+                     "entry_point_name": "", "user_id": "bench",
+                     "status": "FINISHED" if committed else "FAILED",
+                     "start_time": t0_ms + step * 1000, "end_time": t0_ms + (step + 5) * 1000,
+                     "source_version": "", "lifecycle_stage": "active",
+                     "artifact_uri": f"{artifacts}/{r + 1}/{rid}/artifacts", "experiment_id": r + 1})
+        for key, base in (("loss", 3.0), ("val_loss", 3.1)):
+            metrics.append({"key": key, "value": base * 0.999**i + rng.random() * 0.05,
+                            "timestamp": t0_ms + step * 1000, "step": step, "is_nan": False, "run_uuid": rid})
+        params += [{"key": "step", "value": str(step), "run_uuid": rid},
+                   {"key": "nbytes", "value": str(1_500_000_000 + i), "run_uuid": rid}]
+        tags += [{"key": "mlflow.runName", "value": f"step_{step:010d}", "run_uuid": rid},
+                 {"key": "state", "value": "committed" if committed else "failed", "run_uuid": rid},
+                 {"key": "tier.local", "value": f"/ckpt/run-{r:03d}/step_{step:010d}", "run_uuid": rid}]
+        if i % 2 == 0:
+            tags.append({"key": "even", "value": "true", "run_uuid": rid})
+        if i % 10 == 0:
+            uri = f"s3://bench/run-{r:03d}/step_{step:010d}"
+            tags.append({"key": "tier.remote", "value": uri, "run_uuid": rid})
+with sessionmaker(store.engine)() as s:
+    for model, data in ((m.SqlExperiment, exps), (m.SqlRun, rows), (m.SqlMetric, metrics),
+                        (m.SqlLatestMetric, metrics), (m.SqlParam, params), (m.SqlTag, tags)):
+        s.execute(insert(model.__table__), data)
+    s.commit()
+store.engine.dispose()
+"""
+
+
+def seed_mlflow(url: str, python: str, artifacts: Path) -> None:
+    """The W4 data set in MLflow's tables (see the mapping in the module docstring)."""
+    t0_ms = int(T0.timestamp() * 1000)
+    args = [url, artifacts.as_uri(), str(RUNS), str(PER_RUN), str(t0_ms)]
+    subprocess.run([python, "-c", MLFLOW_SEED, *args], check=True)
+
+
+def start_mlflow(url: str, python: str, artifacts: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    mlflow = str(Path(python).with_name("mlflow"))
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            url,
+            "--default-artifact-root",
+            artifacts.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING"},
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, f"{base}/health", "mlflow server")
+    return proc, base
+
+
+def mlflow_workloads() -> dict[str, Any]:
+    """The ckptd workloads as MLflow requests (same random streams: the same runs and bounds)."""
+    rng = random.Random(1)
+    search = "/api/2.0/mlflow/runs/search"
+    t0_ms = int(T0.timestamp() * 1000)
+
+    def exp() -> list[str]:
+        return [str(rng.randrange(RUNS) + 1)]
+
+    async def post(c: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = await c.post(path, json=body)
+        r.raise_for_status()
+        doc: dict[str, Any] = r.json()
+        return doc
+
+    async def list_page(c: httpx.AsyncClient) -> int:
+        body = {"experiment_ids": exp(), "max_results": 50, "order_by": ["attributes.start_time DESC"]}
+        await post(c, search, body)
+        return 1
+
+    async def filter_sort(c: httpx.AsyncClient) -> int:
+        body = {
+            "experiment_ids": exp(),
+            "filter": "tags.state = 'committed' and tags.even = 'true'",
+            "order_by": ["metrics.val_loss ASC"],
+            "max_results": 20,
+        }
+        await post(c, search, body)
+        return 1
+
+    async def paginate(c: httpx.AsyncClient) -> int:
+        body: dict[str, Any] = {
+            "experiment_ids": exp(),
+            "max_results": 25,
+            "order_by": ["attributes.start_time ASC"],
+        }
+        n = 0
+        while True:
+            doc = await post(c, search, body)
+            n += 1
+            if not doc.get("next_page_token"):
+                return n
+            body["page_token"] = doc["next_page_token"]
+
+    async def global_filter(c: httpx.AsyncClient) -> int:
+        since = t0_ms + rng.randrange(0, 40_000) * 1000
+        body = {
+            "experiment_ids": [str(i + 1) for i in range(RUNS)],
+            "filter": f"tags.`tier.remote` LIKE 's3://%' and attributes.start_time >= {since}",
+            "order_by": ["attributes.start_time DESC"],
+            "max_results": 50,
+        }
+        await post(c, search, body)
+        return 1
+
+    async def runs_list(c: httpx.AsyncClient) -> int:
+        await post(c, "/api/2.0/mlflow/experiments/search", {"max_results": 100})
+        return 1
+
+    return {
+        "list_run_page": list_page,
+        "filter_sort_metric": filter_sort,
+        "paginate_run": paginate,
+        "filter_all_runs": global_filter,
+        "list_runs": runs_list,
+    }
+
+
+def measure(
+    system: str, kind: str, base: str, ops: dict[str, Any], args: argparse.Namespace, seeded: float
+) -> list[dict[str, Any]]:
+    lines = []
+    for name, op in ops.items():
+        result = asyncio.run(load(base, op, args.clients, args.seconds))
+        line = {
+            "bench": "W4",
+            "system": system,
+            "backend": kind,
+            "workload": name,
+            "clients": args.clients,
+            "runs": RUNS,
+            "checkpoints": RUNS * PER_RUN,
+            "seed_s": round(seeded, 1),
+            **result,
+        }
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    return lines
+
+
+def serve_and_measure(
+    system: str, kind: str, start: Any, ops: dict[str, Any], args: argparse.Namespace, seeded: float
+) -> list[dict[str, Any]]:
+    proc, base = start()
     try:
-        for name, op in workloads().items():
-            result = asyncio.run(load(base, op, args.clients, args.seconds))
-            line = {
-                "bench": "W4",
-                "system": "ckptd",
-                "backend": kind,
-                "workload": name,
-                "clients": args.clients,
-                "runs": RUNS,
-                "checkpoints": RUNS * PER_RUN,
-                "seed_s": round(seeded, 1),
-                **result,
-            }
-            print(json.dumps(line), flush=True)
-            out.append(line)
+        return measure(system, kind, base, ops, args, seeded)
     finally:
         proc.terminate()
         proc.wait(20)
 
 
-def fresh_postgres_db(url: str) -> str:
+def bench_backend(
+    kind: str, url: str, args: argparse.Namespace, out: list[dict[str, Any]], tree: Path | None
+) -> None:
+    """ckptd on ``url`` (the baseline first, on the same rows, when ``tree`` is given)."""
+    t = time.perf_counter()
+    seed(url)
+    seeded = time.perf_counter() - t
+    if tree is not None:
+        base_rev = (tree / "migrations" / "versions").glob("*.py")
+        head = max(p.name.split("_", 1)[0] for p in base_rev)
+        db = Database(url)
+        db.downgrade(head)  # the schema the baseline knows (drops indexes added since)
+        db.dispose()
+        system = f"ckptd@{args.baseline_rev}"
+        out += serve_and_measure(system, kind, lambda: start_server(url, tree), workloads(), args, seeded)
+        db = Database(url)
+        db.upgrade()
+        db.dispose()
+    out += serve_and_measure("ckptd", kind, lambda: start_server(url), workloads(), args, seeded)
+
+
+def bench_mlflow(kind: str, url: str, args: argparse.Namespace, out: list[dict[str, Any]], tmp: Path) -> None:
+    artifacts = tmp / f"mlflow-artifacts-{kind}"
+    artifacts.mkdir()
+    t = time.perf_counter()
+    seed_mlflow(url, args.mlflow_python, artifacts)
+    seeded = time.perf_counter() - t
+    start = lambda: start_mlflow(url, args.mlflow_python, artifacts)  # noqa: E731
+    out += serve_and_measure("mlflow", kind, start, mlflow_workloads(), args, seeded)
+
+
+def fresh_postgres_db(url: str, prefix: str = "ckptd_bench") -> str:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    name = f"ckptd_bench_{int(time.time())}"
+    name = f"{prefix}_{int(time.time())}"
     admin = create_engine(normalise_url(url), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -343,24 +534,70 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each workload")
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated subset")
+    parser.add_argument("--baseline-rev", help="also measure the catalog as committed at this git revision")
+    parser.add_argument("--peer", choices=["mlflow"], help="also measure a peer on the same data and load")
+    parser.add_argument(
+        "--mlflow-python",
+        default="/tmp/mlflow-venv/bin/python",
+        help="interpreter of a venv with mlflow (and psycopg2-binary for PostgreSQL)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
     args = parser.parse_args()
+    backends = set(args.backends.split(","))
     out: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_backend("sqlite", f"sqlite:///{tmp}/catalog.db", args, out)
-    if args.postgres:
-        bench_backend("postgresql", fresh_postgres_db(args.postgres), args, out)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        tree = baseline_tree(args.baseline_rev, tmp / "baseline") if args.baseline_rev else None
+        if "sqlite" in backends:
+            bench_backend("sqlite", f"sqlite:///{tmp}/catalog.db", args, out, tree)
+            if args.peer == "mlflow":
+                bench_mlflow("sqlite", f"sqlite:///{tmp}/mlflow.db", args, out, tmp)
+        if args.postgres and "postgresql" in backends:
+            bench_backend("postgresql", fresh_postgres_db(args.postgres), args, out, tree)
+            if args.peer == "mlflow":
+                pg = fresh_postgres_db(args.postgres, "mlflow_bench").replace("+psycopg://", "+psycopg2://")
+                bench_mlflow("postgresql", pg, args, out, tmp)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         path = RESULTS / f"catalog-{stamp}.jsonl"
         lines = [
-            {"machine": machine(), "note": "server (1 uvicorn worker) and load generator share the cores"},
+            {
+                "machine": machine(),
+                "note": "each server (1 worker) and the load generator share the cores",
+                "baseline_rev": args.baseline_rev,
+                "peer": args.peer,
+                "argv": sys.argv[1:],
+            },
             *out,
+            *ratios(out),
         ]
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def ratios(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ckptd's p50, p99 and req/s over each other system's, per backend and workload (same run)."""
+    by = {(r["system"], r["backend"], r["workload"]): r for r in out}
+    lines = []
+    for (system, backend, workload), other in by.items():
+        mine = by.get(("ckptd", backend, workload))
+        if system == "ckptd" or mine is None:
+            continue
+        lines.append(
+            {
+                "ratio": f"ckptd / {system}",
+                "backend": backend,
+                "workload": workload,
+                **{
+                    k: round(mine[k] / other[k], 3) if other[k] else None
+                    for k in ("p50_ms", "p99_ms", "req_per_s")
+                },
+            }
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ def _convert_array(
                     continue
                 geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
                 stream = out_store.open_write(shard_key(key, coords))
+
                 def read_part(b: ShardBox, off: tuple[int, ...] = part.offset) -> np.ndarray:
                     return read(ShardBox(tuple(o + po for o, po in zip(b.offset, off, strict=True)), b.shape))
 

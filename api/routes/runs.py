@@ -46,7 +46,9 @@ async def list_runs(
 ) -> RunPage:
     items, next_cursor = await read(
         request,
-        partial(runs.list_runs, status=status_, name_prefix=name_prefix, sort=sort, limit=limit, cursor=cursor),
+        partial(
+            runs.list_runs, status=status_, name_prefix=name_prefix, sort=sort, limit=limit, cursor=cursor
+        ),
     )
     return RunPage.model_construct(items=items, next_cursor=next_cursor)
 

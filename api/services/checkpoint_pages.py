@@ -13,6 +13,7 @@ fails a test instead of a benchmark.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from ckptd.api.schemas import CheckpointPage, CheckpointPublic
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.api.services.runs import get_run
 from ckptd.format.names import check_segment
-from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy import ColumnElement, Row, Select, select
 from sqlalchemy.orm import Session
 
 SORT_KEYS = ("step", "created_at", "nbytes", "id")
@@ -102,7 +103,9 @@ def list_checkpoints(
         )
     if tier is not None:
         query = query.where(
-            select(Location.tier).where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier).exists()
+            select(Location.tier)
+            .where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier)
+            .exists()
         )
     if min_step is not None:
         query = query.where(Checkpoint.step >= min_step)
@@ -138,7 +141,7 @@ def list_checkpoints(
     return CheckpointPage.model_construct(items=items, next_cursor=next_cursor)
 
 
-def _public(session: Session, rows: list[Any]) -> list[CheckpointPublic]:
+def _public(session: Session, rows: Sequence[Row[Any]]) -> list[CheckpointPublic]:
     """The rows as the API shows them, with their metrics, tags and locations in three statements."""
     ids = [r.id for r in rows]
     metrics: dict[int, dict[str, float]] = defaultdict(dict)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckptd.api.errors import ConflictError, InvalidRequestError, InvalidTransitionError, NotFoundError
+from ckptd.api.errors import ConflictError, InvalidTransitionError, NotFoundError
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run, utcnow
 from ckptd.api.schemas import (
     CheckpointCreate,

@@ -147,6 +147,6 @@ def run_public(run: Run, stats: tuple[int, int, int | None] | None = None) -> Ru
     return _public({c.key: getattr(run, c.key) for c in _RUN_COLUMNS}, stats)
 
 
-def _public(run: Mapping[str, Any], stats: tuple[int, int, int | None] | None) -> RunPublic:
+def _public(run: Mapping[Any, Any], stats: tuple[int, int, int | None] | None) -> RunPublic:
     n, committed, latest = stats or (0, 0, None)
     return RunPublic.model_validate({**run, "checkpoints": n, "committed": committed, "latest_step": latest})

@@ -36,6 +36,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export", help="write a checkpoint as a torch.save or safetensors file")
+    p.add_argument("uri")
+    p.add_argument("out")
+    p.add_argument("--step", type=int, default=None, help="default: latest")
+    p.add_argument(
+        "--format",
+        choices=("torch", "safetensors"),
+        default=None,
+        help="default: from the file suffix (.safetensors), else torch",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="save a torch.save (weights only) or safetensors file as a checkpoint")
+    p.add_argument("src")
+    p.add_argument("uri")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--format", choices=("torch", "safetensors"), default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import)
+
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -68,4 +88,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"wrote step {m.step} to {dst.url} for mesh {dict(m.mesh)}: {len(m.arrays)} arrays, "
         f"{m.stored_bytes} bytes"
     )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ckptd.converters.interop import export_checkpoint
+
+    fmt = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
+    step = export_checkpoint(args.uri, args.out, fmt=fmt, step=args.step)
+    print(f"exported step {step} of {args.uri} to {args.out} ({fmt})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ckptd.converters.interop import import_checkpoint
+
+    m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format, overwrite=args.overwrite)
+    print(f"imported {args.src} as step {m.step} of {args.uri}: {len(m.arrays)} arrays, {m.nbytes} bytes")
     return 0

@@ -8,8 +8,11 @@ dp is N / (T * P). The ranks run ``python -m ckptd.training.trainer`` under
 ``torchrun`` instead. Options after ``--`` go to the trainer unchanged (model size, batch,
 learning rate: see ``python -m ckptd.training.trainer --help``).
 
-Checkpointing is **pending the snapshot engine**: ``--ckpt`` and ``--every`` are accepted and
-validated, but nothing is saved or restored yet, and ``ckpt_block_ms`` is logged as 0.
+With ``--ckpt URI`` the run resumes from the newest committed checkpoint there (saved by a
+job of any layout: it is resharded on load), saves every ``--every`` steps and at its last
+step. SIGTERM sent to this command is passed to the launcher, which passes it to the ranks:
+they write a durable checkpoint at the next step boundary and exit (status 143). The
+launcher waits 30 s for that before it kills the ranks.
 
 This module imports neither torch nor the trainer at import time (``ckptd --help`` stays fast).
 """
@@ -17,8 +20,11 @@ This module imports neither torch nor the trainer at import time (``ckptd --help
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
+import threading
+from types import FrameType
 from typing import Any
 
 
@@ -35,8 +41,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule")
     p.add_argument("--steps", type=int, default=50, help="train up to this step")
-    p.add_argument("--every", type=int, default=0, help="checkpoint interval in steps (pending the engine)")
-    p.add_argument("--ckpt", default=None, metavar="URI", help="checkpoint location (pending the engine)")
+    p.add_argument("--every", type=int, default=0, help="checkpoint interval in steps (needs --ckpt)")
+    p.add_argument("--ckpt", default=None, metavar="URI", help="checkpoint run root: resume from it, save to it")
     p.add_argument("--log-json", default=None, metavar="FILE", help="append one JSON line per step")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="after --: options for the trainer")
     p.set_defaults(func=run)
@@ -93,4 +99,21 @@ def run(args: argparse.Namespace) -> int:
         "ckptd.training.trainer",
         *argv,
     ]
-    return subprocess.run(cmd, check=False).returncode
+    return _run_forwarding_sigterm(cmd)
+
+
+def _run_forwarding_sigterm(cmd: list[str]) -> int:
+    """Run the launcher; a SIGTERM to this process is passed on (by default it would orphan the ranks)."""
+    proc = subprocess.Popen(cmd)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()  # signal handlers can only be installed on the main thread
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

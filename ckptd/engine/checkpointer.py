@@ -25,6 +25,7 @@ the main thread, identically on every rank, so the collective commits always mat
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -256,6 +257,10 @@ class Checkpointer:
                                   f"{list(spec.box.shape)}")
         rank_state = {"rng": rng.capture()} if self.config.save_rng else {}
         clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        for k in [k for k, v in clean_metrics.items() if not math.isfinite(v)]:
+            # a manifest is strict JSON (no NaN): a diverged loss must not cost the checkpoint itself
+            del clean_metrics[k]
+            log.warning("step %d: metric %r is not finite; it is left out of the checkpoint", step, k)
         snap = self.stager.stage(step=step, skeleton=skeleton, tensors=tensors, specs=self.specs,
                                  rank_state=rank_state, metrics=clean_metrics, optimizers=self.optimizers,
                                  evict=self._evict)

@@ -25,7 +25,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def thread_server(database_url: str) -> Iterator[str]:
     """The catalog app under uvicorn on 127.0.0.1, port 0, in this process; yields its URL."""
     import uvicorn
-
     from ckptd.api.app import create_app
     from ckptd.api.settings import CatalogSettings
 
@@ -51,7 +50,8 @@ class ServeProcess:
 
     def __init__(self, database_url: str, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ckptd", "serve", "--db", database_url, "--port", "0", "--log-level", "info"],
+            [sys.executable, "-m", "ckptd", "serve", "--db", database_url, "--port", "0",
+             "--log-level", "info"],
             cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "CKPTD_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
         self.lines: list[str] = []

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-
-import ckptd
-from ckptd.cli.main import main
 from ckptd.converters import reshard
 from ckptd.format import CheckpointWriter, Run, TensorLayout, mesh_coords
 from ckptd.format.writer import WriterReport
+
+import ckptd
+from ckptd.cli.main import main
 from ckptd.storage import open_store
 
 MESH = {"dp": 2, "tp": 2, "pp": 2}
@@ -51,7 +51,9 @@ def write_distributed(uri: str, step: int, storage_options: dict[str, Any] | Non
     return run
 
 
-@pytest.mark.parametrize("target", [{"tp": 4, "pp": 1, "dp": 2}, {"tp": 1, "pp": 1, "dp": 1}, {"tp": 3, "dp": 1}])
+@pytest.mark.parametrize(
+    "target", [{"tp": 4, "pp": 1, "dp": 2}, {"tp": 1, "pp": 1, "dp": 1}, {"tp": 3, "dp": 1}]
+)
 def test_reshard_preserves_every_tensor_and_lays_out_one_shard_per_target_box(
     tmp_path: Path, target: dict[str, int]
 ) -> None:
@@ -67,8 +69,15 @@ def test_reshard_preserves_every_tensor_and_lays_out_one_shard_per_target_box(
         got = loaded["model"][path.split("/")[1]]
         assert got.dtype == full.dtype and torch.equal(got, full), path
         # the shard grid now matches the target layout: one shard per distinct target box
-        boxes = {b for b in layout.all_boxes(full.shape, {**{"tp": 1, "dp": 1, "pp": 1}, **target})
-                 if not b.is_empty()} if all(a in target for axes in layout.partition for a in axes) else None
+        boxes = (
+            {
+                b
+                for b in layout.all_boxes(full.shape, {**{"tp": 1, "dp": 1, "pp": 1}, **target})
+                if not b.is_empty()
+            }
+            if all(a in target for axes in layout.partition for a in axes)
+            else None
+        )
         if boxes is not None:
             assert sum(len(p.shards) for p in m.arrays[path].parts) == len(boxes)
 
@@ -84,7 +93,9 @@ def test_reshard_over_s3(tmp_path: Path, s3_url: str, s3_storage_options: dict[s
 
 def test_convert_cli_and_bad_mesh(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_distributed(str(tmp_path / "src"), 1)
-    assert main(["convert", "--quiet", "--mesh", "tp=4,dp=1", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert (
+        main(["convert", "--quiet", "--mesh", "tp=4,dp=1", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    )
     assert "wrote step 1" in capsys.readouterr().out
     assert main(["verify", "--quiet", str(tmp_path / "out")]) == 0
     with pytest.raises(SystemExit):
