@@ -102,6 +102,8 @@ class TrainerCheckpoint:
         self._guard()
         self._show(self._live())
         self._hook_wait_seen = 0.0
+        self.last_block_s = 0.0
+        """What the last :meth:`step` returned (also set when it raised)."""
 
     def _guard(self) -> None:
         # The Checkpointer guards the optimizers it finds in the state tree; ours is not in it (its

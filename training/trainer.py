@@ -281,13 +281,13 @@ def _train(trainer: Trainer, ckpt: TrainerCheckpoint | None, log: TextIO | None)
     ctx = trainer.ctx
     while trainer.step < trainer.cfg.steps:
         r = trainer.train_step()
-        blocked = 0.0
         t0 = time.perf_counter()
         try:
             if ckpt is not None:
-                blocked = ckpt.step(r.step, loss=r.loss)  # may raise SystemExit after SIGTERM
+                ckpt.step(r.step, loss=r.loss)  # may raise SystemExit after SIGTERM
         finally:
             if ctx.rank == 0:
+                blocked = ckpt.last_block_s if ckpt is not None else 0.0
                 seconds = r.seconds + time.perf_counter() - t0
                 rec = {
                     "step": r.step,

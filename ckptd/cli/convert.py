@@ -92,9 +92,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ckptd.converters.interop import export_checkpoint
+    from ckptd.converters.interop import ExportFormat, export_checkpoint
 
-    fmt = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
+    fmt: ExportFormat = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
     step = export_checkpoint(args.uri, args.out, fmt=fmt, step=args.step)
     print(f"exported step {step} of {args.uri} to {args.out} ({fmt})")
     return 0

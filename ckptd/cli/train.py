@@ -27,6 +27,9 @@ import threading
 from types import FrameType
 from typing import Any
 
+SIGTERM_EXIT_CODE = 143
+"""Status after a SIGTERM-triggered checkpoint (the ranks' own; 128 + SIGTERM)."""
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -108,12 +111,18 @@ def _run_forwarding_sigterm(cmd: list[str]) -> int:
     if threading.current_thread() is not threading.main_thread():
         return proc.wait()  # signal handlers can only be installed on the main thread
 
+    forwarded = False
+
     def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal forwarded
         if proc.poll() is None:
+            forwarded = True
             proc.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        rc = proc.wait()
+        # The launcher reports its own termination as a failure (status 1); the ranks stopped as asked.
+        return SIGTERM_EXIT_CODE if forwarded and rc != 0 else rc
     finally:
         signal.signal(signal.SIGTERM, previous)
