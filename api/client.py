@@ -92,6 +92,10 @@ class CatalogClient:
             base_url=config.base_url.rstrip("/") + API_PREFIX,
             headers=headers,
             timeout=httpx.Timeout(config.timeout_s),
+            # idle connections go before the server's keep-alive timeout (uvicorn: 5 s, httpx's own
+            # default too): at equal timeouts a request races the server's close and fails with
+            # "Server disconnected without sending a response"
+            limits=httpx.Limits(keepalive_expiry=2.0),
             transport=transport,
         )
         self._lock = threading.Lock()

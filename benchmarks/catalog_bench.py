@@ -77,6 +77,7 @@ TOKEN = "bench-token-" + "x" * 16
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+RATIO_KEYS = ("p50_ms", "p99_ms", "req_per_s", "server_cpu_ms_per_req")
 KEEPALIVE_EXPIRY_S = 2.0
 """Below the servers' keep-alive timeout (uvicorn's default 5 s), as a client must be."""
 PACKAGE_DIRS = {
@@ -186,7 +187,9 @@ def start_server(url: str, tree: Path | None = None) -> tuple[subprocess.Popen[b
     port = free_port()
     env = {**os.environ, "CKPTD_DATABASE_URL": url, "CKPTD_API_TOKEN": TOKEN}
     if tree is not None:
-        env["PYTHONPATH"] = str(tree)  # found before the editable install's link tree
+        # run there: ``python -m`` puts the working directory first on sys.path, and a checkout's
+        # ckptd/ would win over PYTHONPATH and the editable install alike
+        env["PYTHONPATH"] = str(tree)
         env["CKPTD_MIGRATIONS_DIR"] = str(tree / "migrations")
     proc = subprocess.Popen(
         [
@@ -204,6 +207,7 @@ def start_server(url: str, tree: Path | None = None) -> tuple[subprocess.Popen[b
             "--no-access-log",
         ],
         env=env,
+        cwd=tree,
     )
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, f"{base}/healthz", "catalog server")
@@ -447,12 +451,44 @@ def mlflow_workloads() -> dict[str, Any]:
     }
 
 
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux ``/proc``): the
+    server's own cost per request, which the load on a shared machine does not blur as latency."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])  # fields after "(comm)": state, ppid, ..., utime, stime
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, parent in parents.items() if parent == p and c not in tree]
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
-    system: str, kind: str, base: str, ops: dict[str, Any], args: argparse.Namespace, seeded: float
+    system: str,
+    kind: str,
+    proc: subprocess.Popen[bytes],
+    base: str,
+    ops: dict[str, Any],
+    args: argparse.Namespace,
+    seeded: float,
 ) -> list[dict[str, Any]]:
     lines = []
     for name, op in ops.items():
+        cpu = server_cpu_s(proc.pid)
         result = asyncio.run(load(base, op, args.clients, args.seconds))
+        cpu = server_cpu_s(proc.pid) - cpu
+        result["server_cpu_ms_per_req"] = round(cpu * 1000 / max(result["requests"], 1), 2)
+        result["server_cpu_util"] = round(cpu / result["seconds"], 2)
         line = {
             "bench": "W4",
             "system": system,
@@ -474,7 +510,7 @@ def serve_and_measure(
 ) -> list[dict[str, Any]]:
     proc, base = start()
     try:
-        return measure(system, kind, base, ops, args, seeded)
+        return measure(system, kind, proc, base, ops, args, seeded)
     finally:
         proc.terminate()
         proc.wait(20)

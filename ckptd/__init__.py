@@ -13,7 +13,14 @@ if _os.path.isfile(_os.path.join(_checkout, "format", "SPEC.md")) and _checkout 
     __path__.append(_checkout)
 
 from ckptd.checkpoint_io import load, open_run, save  # noqa: E402
-from ckptd.engine import Checkpointer, CheckpointerConfig, Retention, ShardSpec, TierConfig  # noqa: E402
+from ckptd.engine import (  # noqa: E402
+    CatalogConfig,
+    Checkpointer,
+    CheckpointerConfig,
+    Retention,
+    ShardSpec,
+    TierConfig,
+)
 from ckptd.format import (  # noqa: E402
     CheckpointError,
     CheckpointExistsError,
@@ -33,6 +40,7 @@ from ckptd.storage import open_store  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "CatalogConfig",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",

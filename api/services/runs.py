@@ -8,7 +8,7 @@ from typing import Any
 
 from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from ckptd.api.models import Checkpoint, Run
-from ckptd.api.schemas import RunCreate, RunPublic, RunUpdate
+from ckptd.api.schemas import RetentionPolicy, RunCreate, RunPublic, RunUpdate
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.format.names import check_segment
 from sqlalchemy import ColumnElement, func, select
@@ -148,5 +148,9 @@ def run_public(run: Run, stats: tuple[int, int, int | None] | None = None) -> Ru
 
 
 def _public(run: Mapping[Any, Any], stats: tuple[int, int, int | None] | None) -> RunPublic:
+    """Built without re-validating what was validated on its way in (the config's size, the roots'
+    URIs): those checks cost more than the rest of a list request. The retention policy is parsed,
+    so that it shows every field with its default, as a validated one does."""
     n, committed, latest = stats or (0, 0, None)
-    return RunPublic.model_validate({**run, "checkpoints": n, "committed": committed, "latest_step": latest})
+    fields = {**run, "retention": RetentionPolicy.model_validate(run["retention"])}
+    return RunPublic.model_construct(**fields, checkpoints=n, committed=committed, latest_step=latest)

@@ -8,6 +8,6 @@ REST catalog) and ``checkpointer`` (the public context manager).
 """
 
 from ckptd.engine.checkpointer import Checkpointer
-from ckptd.engine.config import CheckpointerConfig, Retention, ShardSpec, TierConfig
+from ckptd.engine.config import CatalogConfig, CheckpointerConfig, Retention, ShardSpec, TierConfig
 
-__all__ = ["Checkpointer", "CheckpointerConfig", "Retention", "ShardSpec", "TierConfig"]
+__all__ = ["CatalogConfig", "Checkpointer", "CheckpointerConfig", "Retention", "ShardSpec", "TierConfig"]

@@ -16,7 +16,7 @@ from catalog_server import AUTH, TOKEN, ServeProcess, checkpoints, dead_url, thr
 from workload import assert_same, make, params, seed_all, train_step
 
 import ckptd
-from ckptd.engine.config import CatalogConfig
+from ckptd.engine import CatalogConfig
 
 pytest.importorskip("fastapi")
 V1 = "/api/v1"
@@ -153,9 +153,9 @@ def test_rollback_pointer_restores_in_place_and_training_continues(catalog: str,
             losses[step + 1] = train_step(state)
             step += 1
             ck.step(step, metrics={"loss": losses[step]})
+            ck.wait()  # every due checkpoint reaches disk (a busy tier would skip to the newest)
             if step == 4:
                 at_4 = params(state)
-        ck.wait()
         wait_for(lambda: 4 in committed_steps(catalog, root.name), what="step 4 in the catalog")
         first_8 = ckptd.open_run(str(root)).manifest(8).checkpoint_id
         r = api.post(f"{V1}/runs/{root.name}/rollback", json={"select": "step:4", "reason": "loss spike"})
@@ -179,7 +179,7 @@ def test_rollback_pointer_restores_in_place_and_training_continues(catalog: str,
             assert loss == losses[step]
             ck.step(step, metrics={"loss": loss})
             assert ck.rolled_back is None
-        ck.wait()
+            ck.wait()
     run = ckptd.open_run(str(root))
     assert run.steps() == [2, 4, 6, 8]  # the abandoned steps after 8 are gone, 6 and 8 were saved again
     assert run.manifest(8).checkpoint_id != first_8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ckptd
 
 PINNED = {
+    "CatalogConfig",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +50,30 @@ def command(nproc: int, *options: str, log: Path) -> list[str]:
             *options, "--", *MODEL]  # fmt: skip
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """A failing test must not leave ranks behind (they live in sessions of their own)."""
+    yield
+    for proc in _started:
+        if proc.poll() is None:
+            crash(proc)
+
+
 def start(nproc: int, *options: str, log: Path) -> subprocess.Popen[str]:
-    # A session of its own: a SIGKILL to the group takes the launcher and every rank at once.
-    return subprocess.Popen(command(nproc, *options, log=log), cwd=log.parent, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(command(nproc, *options, log=log), cwd=log.parent, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    _started.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[str], expect: int = 0) -> str:
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        crash(proc)
         raise
     assert proc.returncode == expect, f"exit status {proc.returncode}, expected {expect}:\n{out[-4000:]}"
     return out
@@ -77,13 +90,43 @@ def losses(log: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["loss"]) for r in lines}
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc; the launcher starts each rank in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def crash(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL every rank and the launcher at once, like a machine that loses power."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate(timeout=60)
+
+
 def wait_until(what: str, proc: subprocess.Popen[str], cond: Callable[[], bool]) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not cond():
         if proc.poll() is not None:
             raise AssertionError(f"the job ended before {what}:\n{proc.communicate()[0][-4000:]}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            crash(proc)
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
 
@@ -109,8 +152,7 @@ def same_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     wait_until("a committed checkpoint", crashed, lambda: bool(committed(tmp / "run")))
     first = committed(tmp / "run")[0]
     wait_until("a step past it", crashed, lambda: max(losses(tmp / "crashed.jsonl"), default=0) > first)
-    os.killpg(crashed.pid, signal.SIGKILL)
-    crashed.communicate()
+    crash(crashed)
     kept = committed(tmp / "run")[-1]
     # 2. The uninterrupted job, stopped by SIGTERM (sent to `ckptd train` only) a few steps later.
     straight = start(2, *layout, "--steps", FOREVER, "--ckpt", str(tmp / "straight"),
