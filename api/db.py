@@ -86,6 +86,9 @@ class Database:
         self.url = normalise_url(url)
         self.engine = make_engine(self.url, pool_size=pool_size)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
+        """Sessions for reads only: no BEGIN and COMMIT round trips. A read of several statements sees
+        what each statement sees under READ COMMITTED (PostgreSQL's default) anyway."""
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -38,7 +38,8 @@ T = TypeVar("T")
 
 
 async def read(request: Request, query: Callable[[Session], T]) -> T:
-    """Run ``query`` in a worker thread with a session of its own, at most ``pool_size`` at a time.
+    """Run the read-only ``query`` in a worker thread with a session of its own (autocommit: it must
+    not write), at most ``pool_size`` at a time.
 
     The limiter keeps read threads no more than the pool's connections: a thread beyond that would
     only wait for a connection, and every extra runnable thread takes GIL turns from the event loop
@@ -48,7 +49,7 @@ async def read(request: Request, query: Callable[[Session], T]) -> T:
     limiter: anyio.CapacityLimiter = request.app.state.read_limiter
 
     def run() -> T:
-        with db.session() as session:
+        with db.read_sessions() as session:
             return query(session)
 
     return await anyio.to_thread.run_sync(run, limiter=limiter)

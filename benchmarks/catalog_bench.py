@@ -473,6 +473,30 @@ def server_cpu_s(pid: int) -> float:
     return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def server_histogram(base: str) -> dict[float, int]:
+    """Cumulative counts per latency bucket bound (s) of the catalog's GET ``/api/v1`` requests, from
+    its ``/metrics``: time inside the server, without the load generator's share of the CPU."""
+    counts: dict[float, int] = {}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith("ckptd_http_request_duration_seconds_bucket{") and 'method="GET"' in line:
+            if 'route="/api/v1/' not in line:
+                continue
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            counts[bound] = counts.get(bound, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def histogram_quantile(before: dict[float, int], after: dict[float, int], q: float) -> float | None:
+    """Upper bound (ms) of the bucket holding quantile ``q`` of the requests between two scrapes."""
+    delta = {b: after[b] - before.get(b, 0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0)
+    for bound, cumulative in delta.items():
+        if total and cumulative >= q * total:
+            return bound * 1000
+    return None
+
+
 def measure(
     system: str,
     kind: str,
@@ -484,9 +508,15 @@ def measure(
 ) -> list[dict[str, Any]]:
     lines = []
     for name, op in ops.items():
+        ckptd = system.startswith("ckptd")
+        hist = server_histogram(base) if ckptd else {}
         cpu = server_cpu_s(proc.pid)
         result = asyncio.run(load(base, op, args.clients, args.seconds))
         cpu = server_cpu_s(proc.pid) - cpu
+        if ckptd:  # MLflow exports no comparable histogram unless started with --expose-prometheus
+            after = server_histogram(base)
+            result["server_p50_le_ms"] = histogram_quantile(hist, after, 0.5)
+            result["server_p99_le_ms"] = histogram_quantile(hist, after, 0.99)
         result["server_cpu_ms_per_req"] = round(cpu * 1000 / max(result["requests"], 1), 2)
         result["server_cpu_util"] = round(cpu / result["seconds"], 2)
         line = {

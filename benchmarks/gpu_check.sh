@@ -14,5 +14,8 @@ timeout 240 "$PYTEST" -m gpu tests/ckptd -q -p no:cacheprovider --junitxml="$OUT
 tests_rc=${PIPESTATUS[0]}
 timeout 480 "$PY" benchmarks/w2_gpu.py --out "$OUT" 2>&1 | tee "$OUT/w2-gpu-$stamp.log"
 bench_rc=${PIPESTATUS[0]}
+# Trainer throughput/MFU with and without a checkpoint every 10 steps (issue 4), ~355M GPT, < 8 min.
+timeout 480 "$PY" benchmarks/train_gpu.py --out "$OUT" 2>&1 | tee "$OUT/train-gpu-$stamp.log"
+train_rc=${PIPESTATUS[0]}; echo "train_gpu rc=$train_rc"; bench_rc=$(( bench_rc != 0 || train_rc != 0 ))
 echo "gpu tests rc=$tests_rc, w2 rc=$bench_rc"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -29,12 +29,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ckptd.engine import Checkpointer, ShardSpec
 from ckptd.format.boxes import ShardBox
 from ckptd.format.errors import CheckpointError
 from ckptd.training.adapter import STEP_PATH, CanonicalSpec, GPTStateAdapter
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.zero import ZeroAdamW
+
+from ckptd.engine import Checkpointer, ShardSpec
 
 Catalog = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -54,7 +55,7 @@ def canonical_catalog(specs: Mapping[str, CanonicalSpec], ctx: ParallelContext) 
         for path, shape, dtype in part:
             entry = (tuple(int(n) for n in shape), getattr(torch, dtype))
             if out.setdefault(path, entry) != entry:
-                raise CheckpointError(f"{path}: ranks disagree on its shape or dtype ({out[path]} vs {entry})")
+                raise CheckpointError(f"{path}: ranks disagree on its shape or dtype: {out[path]}, {entry}")
     return dict(sorted(out.items()))
 
 
@@ -98,6 +99,9 @@ class TrainerCheckpoint:
         self._step = torch.zeros((), dtype=torch.int64)
         """``optim/step`` as a tensor the snapshot can copy (the optimizer keeps a Python int)."""
         self.state: dict[str, Any] = {}
+        # No host-memory tier by default: the trainer never rolls back in process, and each
+        # snapshot slot is a full copy of this rank's state.
+        options.setdefault("memory_keep", 0)
         self.ckpt = Checkpointer(uri, state=self.state, every=every or None, layouts=self.shards, **options)
         self._guard()
         self._show(self._live())
@@ -181,7 +185,7 @@ class TrainerCheckpoint:
         return self.last_block_s
 
     def save(self, step: int) -> None:
-        """Snapshot now unless ``step`` was the last one saved (the end of a run); durable at :meth:`close`."""
+        """Snapshot now unless ``step`` is the last one saved (end of a run); durable when the block exits."""
         if self.ckpt.last_saved != step:
             self._step.fill_(self.optimizer.step_count)
             self.ckpt.save(step)

@@ -26,7 +26,6 @@ from typing import TextIO
 
 import torch
 import torch.distributed as dist
-from ckptd.engine.checkpointer import SIGTERM_EXIT_CODE
 from ckptd.training.adapter import GPTStateAdapter
 from ckptd.training.checkpoint import TrainerCheckpoint
 from ckptd.training.config import (
@@ -41,6 +40,8 @@ from ckptd.training.mesh import ParallelContext, all_reduce
 from ckptd.training.model import GPTStage, canonical_init
 from ckptd.training.pp import PipelineSchedule
 from ckptd.training.zero import ZeroAdamW
+
+from ckptd.engine.checkpointer import SIGTERM_EXIT_CODE
 
 
 @dataclass(kw_only=True, slots=True)
@@ -71,7 +72,7 @@ class TrainConfig:
         if self.steps < 0 or self.every < 0:
             raise TrainingConfigError(f"--steps and --every must be >= 0, got {self.steps} and {self.every}")
         if self.every and not self.ckpt:
-            raise TrainingConfigError(f"--every {self.every} needs --ckpt URI: where to write the checkpoints")
+            raise TrainingConfigError(f"--every {self.every} needs --ckpt URI (where to write checkpoints)")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise TrainingConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
@@ -250,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.init_weights()
     log = open(cfg.log_json, "a", encoding="utf-8") if cfg.log_json and ctx.rank == 0 else None  # noqa: SIM115
     try:
-        ckpt = TrainerCheckpoint(trainer.adapter, trainer.optimizer, cfg.ckpt, every=cfg.every) if cfg.ckpt else None
+        ckpt = None
+        if cfg.ckpt:
+            ckpt = TrainerCheckpoint(trainer.adapter, trainer.optimizer, cfg.ckpt, every=cfg.every)
         with ckpt if ckpt is not None else contextlib.nullcontext():
             if ckpt is not None:
                 resumed = ckpt.restore()
@@ -264,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ckpt.save(trainer.step)  # the last step is durable when the with-block ends
     except SystemExit as e:
         if e.code == SIGTERM_EXIT_CODE:
-            _say(ctx, f"stopped by SIGTERM after step {trainer.step}; that checkpoint is durable in {cfg.ckpt}")
+            _say(ctx, f"stopped by SIGTERM after step {trainer.step}, which is durable in {cfg.ckpt}")
         raise
     finally:
         if log is not None:

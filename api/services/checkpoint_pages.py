@@ -54,6 +54,11 @@ def layout_summary(layout: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"mesh": layout.get("mesh", {}), "arrays": len(arrays), "dtypes": dtypes}
 
 
+def _summary(layout: dict[str, Any] | None) -> LayoutSummary | None:
+    summary = layout_summary(layout)
+    return None if summary is None else LayoutSummary.model_construct(**summary)
+
+
 def _sort_key(sort: str) -> tuple[str, bool, Any, type]:
     """(key name, descending, column, cursor key type) of a ``[-]key`` or ``[-]metric:<name>`` sort."""
     descending = sort.startswith("-")
@@ -181,9 +186,7 @@ def _public(session: Session, rows: Sequence[Row[Any]]) -> list[CheckpointPublic
             metrics=metrics.get(r.id, {}),
             tags=tags.get(r.id, []),
             locations=locations.get(r.id, []),
-            layout_summary=None
-            if r.layout is None
-            else LayoutSummary.model_construct(**layout_summary(r.layout)),
+            layout_summary=_summary(r.layout),
             error=r.error,
             created_at=r.created_at,
             committed_at=r.committed_at,

@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule")
     p.add_argument("--steps", type=int, default=50, help="train up to this step")
     p.add_argument("--every", type=int, default=0, help="checkpoint interval in steps (needs --ckpt)")
-    p.add_argument("--ckpt", default=None, metavar="URI", help="checkpoint run root: resume from it, save to it")
+    p.add_argument("--ckpt", metavar="URI", help="checkpoint run root: resume, then save there")
     p.add_argument("--log-json", default=None, metavar="FILE", help="append one JSON line per step")
     p.add_argument("trainer_args", nargs=argparse.REMAINDER, help="after --: options for the trainer")
     p.set_defaults(func=run)

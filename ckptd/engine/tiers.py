@@ -20,9 +20,10 @@ from ckptd.engine.coordination import Coordinator
 from ckptd.engine.policy import to_delete
 from ckptd.engine.snapshot import Snapshot
 from ckptd.format.boxes import ShardBox
-from ckptd.format.errors import CheckpointError
+from ckptd.format.errors import CheckpointError, LayoutError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run, step_dir
+from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
 from ckptd.format.writer import CheckpointWriter, WriterReport
 from ckptd.storage import open_store
@@ -223,8 +224,10 @@ class StoreTier:
     def load(self, step: int, state: Any, specs: Mapping[str, ShardSpec]) -> Manifest:
         """Read checkpoint ``step`` into ``state``: each tensor with a spec reads only its box."""
         reader = self.run.reader(step)
+        filled: set[str] = set()
 
         def read(path: str, dest: torch.Tensor | None) -> torch.Tensor:
+            filled.add(path)
             spec = specs.get(path)
             box = spec.box if spec is not None else None
             if box is not None and box == ShardBox.whole(spec.shape if spec else ()):
@@ -232,4 +235,17 @@ class StoreTier:
             return reader.read(path, box=box, out=dest)
 
         restore_tree(state, reader.manifest.state, read)
+        # The committed skeleton is the committing rank's view of the state. Another rank (a
+        # later pipeline stage, say) may hold tensors that view lacks: fill those from the
+        # manifest's arrays too, and refuse a checkpoint that lacks one — never skip silently.
+        _, mine = flatten_tree(state)
+        for path, tensor in mine.items():
+            if path in filled:
+                continue
+            if path not in reader.manifest.arrays:
+                raise LayoutError(
+                    f"checkpoint step {step} in {self.name} has no array {path!r}, which this rank's state "
+                    "holds: it was written by a different model or state layout"
+                )
+            read(path, tensor)
         return reader.manifest

@@ -157,12 +157,14 @@ def same_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # 2. The uninterrupted job, stopped by SIGTERM (sent to `ckptd train` only) a few steps later.
     straight = start(2, *layout, "--steps", FOREVER, "--ckpt", str(tmp / "straight"),
                      log=tmp / "straight.jsonl")  # fmt: skip
-    wait_until("training past the crash", straight, lambda: max(losses(tmp / "straight.jsonl"), default=0) >= kept + 2)
+    wait_until("training past the crash", straight,
+               lambda: max(losses(tmp / "straight.jsonl"), default=0) >= kept + 2)  # fmt: skip
     straight.send_signal(signal.SIGTERM)
     out = finish(straight, expect=143)
     stopped = max(losses(tmp / "straight.jsonl"))
     # 3. Resume the crashed job up to the step where the uninterrupted one stopped.
-    train(2, *layout, "--steps", str(stopped), "--every", "2", "--ckpt", str(tmp / "run"), log=tmp / "resumed.jsonl")
+    train(2, *layout, "--steps", str(stopped), "--every", "2", "--ckpt", str(tmp / "run"),
+          log=tmp / "resumed.jsonl")  # fmt: skip
     return {"tmp": tmp, "kept": kept, "stopped": stopped, "sigterm_output": out,
             "crashed": losses(tmp / "crashed.jsonl")}  # fmt: skip
 
@@ -207,8 +209,8 @@ def other_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[in
     # ZeRO 1 -> 3 at dp2
     train(2, "--zero", "1", "--steps", str(SAVED_AT), "--ckpt", str(tmp / "zero"), log=tmp / "zero1.jsonl")
     train(2, "--zero", "3", *steps, "--ckpt", str(tmp / "zero"), log=tmp / "zero3.jsonl")
-    out: dict[str, Any] = {name: losses(tmp / f"{name}.jsonl")
-                           for name in ("reference", "src", "dp4-tp1-pp2", "dp1", "zero1", "zero3")}  # fmt: skip
+    names = ("reference", "src", "dp4-tp1-pp2", "dp1", "zero1", "zero3")
+    out: dict[str, Any] = {name: losses(tmp / f"{name}.jsonl") for name in names}
     out["tmp"] = tmp
     return out
 
@@ -220,7 +222,9 @@ def close(got: dict[int, float], want: dict[int, float]) -> None:
 
 
 @pytest.mark.parametrize("target", ["dp4-tp1-pp2", "dp1"])
-def test_dp2_tp2_pp2_checkpoint_continues_in_another_layout(other_layouts: dict[str, Any], target: str) -> None:
+def test_dp2_tp2_pp2_checkpoint_continues_in_another_layout(
+    other_layouts: dict[str, Any], target: str
+) -> None:
     ref = other_layouts["reference"]
     assert sorted(other_layouts["src"]) == [1, 2, 3]
     close(other_layouts[target], ref)

@@ -1,8 +1,10 @@
-"""Canonical state moves between layouts through the state-dict adapter (no checkpoint engine yet).
+"""Canonical state moves between layouts through the state-dict adapter, in memory (no storage).
 
 The dp2-tp2-pp2 ZeRO-1 run's canonical shards (fused QKV unfused, vocabulary unpadded, ZeRO and
 TP shards assembled) are loaded into other layouts, which continue training: the next-step loss
 must match an uninterrupted run — exactly in the same layout, within 1e-5 in another.
+The same moves through real checkpoints written and read by ``ckptd train`` are in
+test_checkpointing.py.
 """
 
 from __future__ import annotations
