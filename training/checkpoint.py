@@ -17,7 +17,7 @@ Three facts shape this module:
   ``step()`` itself). Restoring reads into fresh CPU tensors and hands them to
   ``adapter.from_canonical``, which also refreshes the compute weights of the new layout.
 * ``ZeroAdamW`` is not part of the state tree (its tensors are, as canonical views), so it is
-  registered with the Checkpointer's stager explicitly (see :meth:`TrainerCheckpoint._guard`).
+  passed to the Checkpointer explicitly (``optimizers=[...]``) to get the pre-step hook.
 """
 
 from __future__ import annotations
@@ -102,19 +102,14 @@ class TrainerCheckpoint:
         # No host-memory tier by default: the trainer never rolls back in process, and each
         # snapshot slot is a full copy of this rank's state.
         options.setdefault("memory_keep", 0)
-        self.ckpt = Checkpointer(uri, state=self.state, every=every or None, layouts=self.shards, **options)
-        self._guard()
+        # The optimizer's tensors are in the state only as canonical views, so it is passed
+        # explicitly: the Checkpointer's pre-step hook then guards its lazy snapshots.
+        self.ckpt = Checkpointer(uri, state=self.state, every=every or None, layouts=self.shards,
+                                 optimizers=[self.optimizer], **options)
         self._show(self._live())
         self._hook_wait_seen = 0.0
         self.last_block_s = 0.0
         """What the last :meth:`step` returned (also set when it raised)."""
-
-    def _guard(self) -> None:
-        # The Checkpointer guards the optimizers it finds in the state tree; ours is not in it (its
-        # tensors are, as canonical views), so register it the same way the constructor would.
-        # Engine wish: a ``Checkpointer(..., optimizers=[...])`` keyword for exactly this case.
-        self.ckpt.optimizers.append(self.optimizer)
-        self.ckpt.stager.guard([self.optimizer])
 
     # ---------------------------------------------------------------- state tree
     def _box_tensor(self, path: str) -> torch.Tensor:

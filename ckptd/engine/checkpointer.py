@@ -94,6 +94,7 @@ class Checkpointer:
         exit_on_preempt: bool = True,
         coordinator: Coordinator | None = None,
         config: CheckpointerConfig | None = None,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
     ) -> None:
         self.config = config or CheckpointerConfig(
             uri=uri, every=every, every_seconds=every_seconds, memory_keep=memory_keep, tiers=tiers,
@@ -124,7 +125,10 @@ class Checkpointer:
         slots = 2 * len(self.stores) + (self.memory.keep if self.memory else 0) + 1
         self.pool = HostPool(max_slots=slots, budget_bytes=cfg.host_budget_bytes)
         self.stager = Stager(self.pool, lazy=cfg.lazy, chunk_bytes=cfg.copy_chunk_bytes)
-        self.optimizers = find_optimizers(state)
+        # Optimizers in the state tree are found; ones whose tensors the state holds only as
+        # views (a trainer's canonical adapter) are passed explicitly. Both get the pre-step hook.
+        found = find_optimizers(state)
+        self.optimizers = found + [o for o in optimizers if all(o is not f for f in found)]
         self.stager.guard(self.optimizers)
         self._held: dict[int, Snapshot] = {}
         self._seq = 0
