@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ckptd.format.boxes import ShardBox, check_tiling
-from ckptd.format.codecs import CodecSpec
+from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.dtypes import LogicalDType, logical_dtype
-from ckptd.format.errors import LayoutError, MetadataError, UnsupportedFormatError
+from ckptd.format.errors import IntegrityError, LayoutError, MetadataError, UnsupportedFormatError
 from ckptd.format.layout import TensorLayout
 from ckptd.format.names import check_array_path, check_segment
 
@@ -140,7 +141,31 @@ class Manifest:
         }
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        """The manifest as JSON, ending with its own checksum (see ``_CHECKSUM``)."""
+        body = json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        return seal(body)
+
+
+# The manifest's last member is ``"crc32c": N``, the CRC32C of the document with that member
+# removed (``...}`` — i.e. the bytes before ``,"crc32c":`` followed by ``}``). JSON readers see a
+# plain field; ckptd checks it before parsing, so a flipped byte anywhere — even inside a value
+# such as a learning rate in the state — is an integrity error, not a silently different state.
+_CHECKSUM = re.compile(rb',"crc32c":(\d{1,10})\}\s*$')
+
+
+def seal(body: bytes) -> bytes:
+    if not body.endswith(b"}"):
+        raise MetadataError("a manifest body must be a JSON object")
+    return body[:-1] + b',"crc32c":' + str(crc32c(body)).encode() + b"}"
+
+
+def check_seal(raw: bytes, where: str) -> None:
+    m = _CHECKSUM.search(raw)
+    if m is None:
+        return  # manifests written by other tools may omit it; ckptd always writes it
+    body = raw[: m.start()] + b"}"
+    if crc32c(body) != int(m.group(1)):
+        raise IntegrityError(f"{where}: the manifest does not match its own crc32c (damaged or edited)")
 
 
 # ---------------------------------------------------------------- parsing (never trusts input)
@@ -149,6 +174,7 @@ class Manifest:
 def loads(raw: bytes, where: str = "manifest.json") -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise MetadataError(f"{where} is {len(raw)} bytes, larger than the {MAX_MANIFEST_BYTES} limit")
+    check_seal(raw, where)
     try:
         doc = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
