@@ -44,6 +44,7 @@ def layout_for(name: str) -> Any:
 
 def write_source(root: str, scale: float) -> int:
     from ckptd.format import CheckpointWriter, Run, mesh_coords
+
     from ckptd.storage import open_store
 
     state = w1_state(scale)
@@ -64,7 +65,14 @@ def write_source(root: str, scale: float) -> int:
                 if not lay.is_writer(MESH, coords):
                     continue
                 box = lay.box_for(t.shape, MESH, coords)
-                w.add(f"{group}/{name}", t[box.slices()].contiguous(), shape=t.shape, box=box, layout=lay, mesh=MESH)
+                w.add(
+                    f"{group}/{name}",
+                    t[box.slices()].contiguous(),
+                    shape=t.shape,
+                    box=box,
+                    layout=lay,
+                    mesh=MESH,
+                )
                 skeleton.setdefault(group, {})[name] = {"$ckptd": "tensor", "path": f"{group}/{name}"}
         reports.append(w.finish())
     run.commit(1, reports, state=skeleton, world_size=8, mesh=MESH)
@@ -79,11 +87,14 @@ def child(mode: str, src: str, dst: str) -> None:
     else:
         from ckptd.converters import reshard
         from ckptd.format import Run
+
         from ckptd.storage import open_store
 
         reshard(Run(open_store(src)), Run(open_store(dst)), mesh={"pp": 1, "dp": 2, "tp": 4})
     dt = time.perf_counter() - t
-    print(json.dumps({"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps({"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    )
 
 
 def main() -> None:
@@ -102,16 +113,25 @@ def main() -> None:
         times: dict[str, list[dict[str, float]]] = {"plain_copy": [], "reshard_tp2pp2dp2_to_tp4pp1dp2": []}
         for r in range(args.repeats):
             for mode, key in (("copy", "plain_copy"), ("reshard", "reshard_tp2pp2dp2_to_tp4pp1dp2")):
-                out = subprocess.run([sys.executable, "-P", __file__, "--child", mode, f"{d}/src", f"{d}/{mode}{r}"],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, "-P", __file__, "--child", mode, f"{d}/src", f"{d}/{mode}{r}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 times[key].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 shutil.rmtree(f"{d}/{mode}{r}")
         base = statistics.median(x["seconds"] for x in times["plain_copy"])
         for key, runs in times.items():
             med = statistics.median(x["seconds"] for x in runs)
-            row = {"bench": "w3_local", "what": key, "bytes": total, "median_s": round(med, 3),
-                   "time_vs_plain_copy": round(med / base, 3),
-                   "peak_rss_mib": round(max(x["peak_rss_mib"] for x in runs), 1)}
+            row = {
+                "bench": "w3_local",
+                "what": key,
+                "bytes": total,
+                "median_s": round(med, 3),
+                "time_vs_plain_copy": round(med / base, 3),
+                "peak_rss_mib": round(max(x["peak_rss_mib"] for x in runs), 1),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
     out = args.out or f"benchmarks/results/w3-convert-{describe()['hostname']}.json"

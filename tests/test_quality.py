@@ -25,17 +25,28 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_finds_nothing() -> None:
-    out = subprocess.run([_tool("ruff"), "check", *SOURCES], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [_tool("ruff"), "check", *SOURCES], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
 
 def test_mypy_strict_passes_on_the_whole_package(tmp_path: Path) -> None:
     # Run outside the checkout: ./ckptd would otherwise hide the folders mapped into ckptd.*.
     out = subprocess.run(
-        [_tool("mypy"), "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"),
-         "-p", "ckptd"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        [
+            _tool("mypy"),
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "-p",
+            "ckptd",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "no issues found" in out.stdout

@@ -20,7 +20,10 @@ def run_root(tmp_path: Path) -> Path:
     root = tmp_path / "run"
     for step in (10, 20):
         state = {
-            "model": {"w": torch.arange(12.0).reshape(3, 4) * step, "emb": torch.ones(5, 2, dtype=torch.bfloat16)},
+            "model": {
+                "w": torch.arange(12.0).reshape(3, 4) * step,
+                "emb": torch.ones(5, 2, dtype=torch.bfloat16),
+            },
             "step": step,
         }
         ckptd.save(state, str(root), step=step, metadata={"metrics": {"loss": 1.0 / step}})
@@ -38,7 +41,9 @@ def test_ls_lists_committed_steps_as_json(run_root: Path, capsys: pytest.Capture
     assert [(r["step"], r["committed"]) for r in rows] == [(10, True), (20, True), (30, False)]
 
 
-def test_inspect_reports_shapes_dtypes_bytes_and_codecs(run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_reports_shapes_dtypes_bytes_and_codecs(
+    run_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["inspect", "--json", "--step", "10", str(run_root)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["step"] == 10
@@ -64,7 +69,9 @@ def test_verify_names_the_corrupt_chunk_and_fails(run_root: Path, capsys: pytest
     assert main(["verify", "--quiet", "--step", "10", str(run_root)]) == 0
 
 
-def test_missing_checkpoint_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_checkpoint_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert "no committed checkpoint" in err and "Traceback" not in err
@@ -84,7 +91,13 @@ def test_rm_and_gc(run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_console_script_runs_as_a_subprocess(run_root: Path, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("ckptd")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ckptd"]
-    out = subprocess.run([*cmd, "ls", str(run_root)], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ}, timeout=120)
+    out = subprocess.run(
+        [*cmd, "ls", str(run_root)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "10" in out.stdout and "20" in out.stdout
