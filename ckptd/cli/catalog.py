@@ -78,6 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=args.log_level,
+        # Longer than clients' idle-connection expiry (httpx: 5 s), so a client never sends a
+        # request on a connection the server is closing at that very moment.
+        timeout_keep_alive=30,
     )
     return 0
 

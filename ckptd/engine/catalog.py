@@ -166,8 +166,8 @@ class CatalogLink:
     def committed(self, tier: str, uri: str, manifest: Manifest, parent: int | None = None) -> None:
         """``manifest`` was written: the checkpoint exists in ``tier`` at ``uri``."""
         step = manifest.step
-        meta = manifest.metadata.get("ckptd.engine", {})
-        clean = clean_metrics(meta.get("metrics", {}) if isinstance(meta, dict) else {})
+        found = manifest.metadata.get("metrics", {})
+        clean = clean_metrics(found if isinstance(found, dict) else {})
         nbytes, layout = manifest.nbytes, layout_summary(manifest)
 
         def call() -> bool:

@@ -161,7 +161,10 @@ class StoreTier:
         for spec in snap.specs.values():
             if spec.mesh:
                 mesh.update({str(k): int(v) for k, v in spec.mesh.items()})
-        metadata = {ENGINE_KEY: {"metrics": snap.metrics, "tier": self.config.kind,
+        # Metrics live at metadata["metrics"], where ckptd.save, `ckptd inspect` and the catalog's
+        # sync look for them; the engine's own bookkeeping goes under its key.
+        metadata = {"metrics": snap.metrics,
+                    ENGINE_KEY: {"tier": self.config.kind,
                                  "rank_state": {str(r): e for r, e in extras.items() if e is not None}}}
         manifest = self.run.commit(snap.step, reports, state=snap.skeleton,
                                    world_size=self.coordinator.world_size, mesh=mesh, metadata=metadata)
@@ -184,8 +187,8 @@ class StoreTier:
     def metrics_of(self, step: int) -> dict[str, float]:
         if step not in self._metrics:
             try:
-                meta = self.run.manifest(step).metadata.get(ENGINE_KEY, {})
-                found = meta.get("metrics", {}) if isinstance(meta, dict) else {}
+                found = self.run.manifest(step).metadata.get("metrics", {})
+                found = found if isinstance(found, dict) else {}
                 self._metrics[step] = {k: v for k, v in found.items() if isinstance(v, int | float)}
             except CheckpointError:
                 self._metrics[step] = {}
