@@ -70,6 +70,7 @@ def fsync_tree(path: Path) -> None:
 
 
 def raw_write(model: torch.nn.ParameterDict, opt: torch.optim.Adam, path: Path) -> float:
+    os.sync()  # no dirty pages of earlier work: each measurement pays only for its own writeback
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     for p in model.values():
@@ -126,6 +127,7 @@ def main() -> None:
         str(root / "ckptd"), state=state, every=1, memory_keep=0, handle_signals=False
     ) as ck:
         for i in range(args.repeats + 1):
+            os.sync()
             hook0 = ck.stager.hook_wait_s
             t0 = time.perf_counter()
             ck.step(i + 1)
@@ -148,6 +150,7 @@ def main() -> None:
 
     ts = []
     for i in range(args.repeats):
+        os.sync()
         t0 = time.perf_counter()
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, root / f"ts{i}.pt")
         fsync_tree(root / f"ts{i}.pt")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from ckptd.format.dtypes import tensor_to_numpy
 from ckptd.format.errors import CheckpointNotFoundError, LayoutError
 from ckptd.format.layout import TensorLayout
 from ckptd.format.manifest import ArrayRecord, Manifest, PartRecord, ShardRecord
-from ckptd.format.plan import DEFAULT_CHUNK_BYTES, plan_array
+from ckptd.format.plan import DEFAULT_CHUNK_BYTES, PartPlan, plan_array
 from ckptd.format.reader import CheckpointReader
 from ckptd.format.run import Run
 from ckptd.format.shard import ShardGeometry, stream_shard
@@ -62,6 +63,7 @@ def reshard(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    threads: int = 8,
 ) -> ReshardResult:
     """Rewrite checkpoint ``step`` (default: latest) of ``src`` into ``dst`` for the layout ``mesh``."""
     if step is None:
@@ -76,11 +78,23 @@ def reshard(
     out_store = dst.prepare(out_step, overwrite=overwrite)
     reports: list[WriterReport] = []
     bytes_read = bytes_written = 0
-    for a in reader.manifest.arrays.values():
-        rep, n = _convert_array(reader, a, out_store, mesh, codec or a.codec, chunk_bytes, progress)
-        reports.append(rep)
-        bytes_written += n
-        bytes_read += a.stored_bytes
+    # Shards stream concurrently; memory stays bounded by ``threads`` chunks in flight (plus
+    # the source chunks each read touches), whatever the model size.
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptd-reshard") as pool:
+        pending = []
+        for a in reader.manifest.arrays.values():
+            rep, finish = _convert_array(
+                reader, a, out_store, mesh, codec or a.codec, chunk_bytes, progress, pool
+            )
+            reports.append(rep)
+            pending.append(finish)
+            bytes_read += a.stored_bytes
+        try:
+            for finish in pending:
+                bytes_written += finish()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     meta: dict[str, Any] = dict(reader.manifest.metadata)
     meta["converted_from"] = {
         "uri": src.url,
@@ -105,7 +119,13 @@ def _convert_array(
     codec: CodecSpec,
     chunk_bytes: int,
     progress: Callable[[int], None] | None,
-) -> tuple[WriterReport, int]:
+    pool: ThreadPoolExecutor,
+) -> tuple[WriterReport, Callable[[], int]]:
+    """Plan one array in the target layout and schedule its shards on ``pool``.
+
+    Returns the report (shard records are filled in as shards finish) and a function that
+    waits for this array's shards and returns the bytes written.
+    """
     layout = target_layout(a.layout, mesh)
     boxes = layout.all_boxes(a.shape, mesh) if layout is not None and a.shape else [ShardBox.whole(a.shape)]
     plan = plan_array(a.shape, a.dtype.itemsize, boxes, chunk_bytes)
@@ -114,42 +134,54 @@ def _convert_array(
     report = WriterReport(rank=0)
     ar = ArrayReport(a.dtype, a.shape, plan.kind, codec, layout)
     report.arrays[a.path] = ar
-    written = 0
+    jobs: list[tuple[int, Future[ShardRecord]]] = []
 
     def read(box: ShardBox) -> np.ndarray:
         return tensor_to_numpy(reader.read(a.path, box))
 
+    def scalar(key: str) -> ShardRecord:
+        raw = read(ShardBox((), ())).reshape(-1).view(np.uint8).tobytes()
+        stream = out_store.open_write(f"{key}/c")
+        stream.write(raw)
+        stream.write(crc32c(raw).to_bytes(4, "little"))
+        stream.close()
+        return ShardRecord((), 0, len(raw) + 4, 0)
+
+    def shard(key: str, part: PartPlan, coords: tuple[int, ...]) -> ShardRecord:
+        cell = cell_box(coords, part.grid, part.shape)
+        geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
+
+        def read_part(b: ShardBox) -> np.ndarray:
+            return read(ShardBox(tuple(o + po for o, po in zip(b.offset, part.offset, strict=True)), b.shape))
+
+        stream = out_store.open_write(shard_key(key, coords))
+        try:
+            nbytes, crc = stream_shard(stream, geom, codec, a.dtype.itemsize, read_part)
+            stream.close()
+        except BaseException:
+            stream.abort()
+            raise
+        if progress is not None:
+            progress(cell.numel * a.dtype.itemsize)
+        return ShardRecord(coords, 0, nbytes, crc)
+
     for part in plan.parts:
         key = a.path if plan.kind != "pieces" else f"{a.path}/piece-{part.index:05d}"
-        shards: list[ShardRecord] = []
         if plan.kind == "scalar":
-            raw = read(ShardBox((), ())).reshape(-1).view(np.uint8).tobytes()
-            stream = out_store.open_write(f"{key}/c")
-            stream.write(raw)
-            stream.write(crc32c(raw).to_bytes(4, "little"))
-            stream.close()
-            shards.append(ShardRecord((), 0, len(raw) + 4, 0))
-            written += len(raw) + 4
+            jobs.append((part.index, pool.submit(scalar, key)))
         elif 0 not in part.shape:
             for coords in cells_overlapping(ShardBox.whole(part.shape), part.grid):
-                cell = cell_box(coords, part.grid, part.shape)
-                if cell.is_empty():
-                    continue
-                geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
-                stream = out_store.open_write(shard_key(key, coords))
+                if not cell_box(coords, part.grid, part.shape).is_empty():
+                    jobs.append((part.index, pool.submit(shard, key, part, coords)))
 
-                def read_part(b: ShardBox, off: tuple[int, ...] = part.offset) -> np.ndarray:
-                    return read(ShardBox(tuple(o + po for o, po in zip(b.offset, off, strict=True)), b.shape))
+    def finish() -> int:
+        done: dict[int, list[ShardRecord]] = {p.index: [] for p in plan.parts}
+        for index, fut in jobs:
+            done[index].append(fut.result())
+        for part in plan.parts:
+            ar.parts[part.index] = PartRecord(
+                part.offset, part.shape, part.grid, part.chunks, tuple(done[part.index])
+            )
+        return sum(r.nbytes for records in done.values() for r in records)
 
-                try:
-                    nbytes, crc = stream_shard(stream, geom, codec, a.dtype.itemsize, read_part)
-                    stream.close()
-                except BaseException:
-                    stream.abort()
-                    raise
-                shards.append(ShardRecord(coords, 0, nbytes, crc))
-                written += nbytes
-                if progress is not None:
-                    progress(cell.numel * a.dtype.itemsize)
-        ar.parts[part.index] = PartRecord(part.offset, part.shape, part.grid, part.chunks, tuple(shards))
-    return report, written
+    return report, finish

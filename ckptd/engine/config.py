@@ -75,7 +75,7 @@ class TierConfig:
     retention: Retention = field(default_factory=Retention)
     codec: CodecSpec | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    threads: int = 4
+    threads: int = 8
     """Encode/write threads of this tier's writer (compression and file I/O release the GIL)."""
     storage_options: dict[str, Any] | None = None
 
@@ -199,7 +199,7 @@ class CheckpointerConfig:
     """Extra tiers (e.g. a fast local disk beside an S3 run root), each with its own policy."""
     codec: CodecSpec | str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    threads: int = 4
+    threads: int = 8
     storage_options: dict[str, Any] | None = None
     host_budget_bytes: int | None = None
     """Upper bound of the (pinned) host pool; None: as many snapshot slots as the tiers need."""
