@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from damaged import build_checkpoint
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -14,3 +16,19 @@ def run_root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[
     if request.param == "local":
         return str(tmp_path / "run"), None
     return request.getfixturevalue("s3_url"), request.getfixturevalue("s3_storage_options")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "run"
+    build_checkpoint(root)
+    return root
+
+
+@pytest.fixture()
+def root(template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the checkpoint at ``<tmp>/outer/run``, with a sentinel next to the run root."""
+    outer = tmp_path / "outer"
+    shutil.copytree(template, outer / "run")
+    (outer / "secret").write_bytes(b"do not touch")
+    return outer / "run"
