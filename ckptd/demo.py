@@ -80,8 +80,34 @@ def run() -> int:
         print(f"loading step 30 raises IntegrityError: {e}")
     step = ckptd.load({"model": fresh}, str(root), step=20)
     print(f"step 20 still loads fine: {step}")
-    print(f"\ndemo done; checkpoints are in {root}")
+    train_demo(root.parent / "demo-run-gpt")
+    print(f"\ndemo done; checkpoints are in {root} and {root.parent / 'demo-run-gpt'}")
     return 0
+
+
+def train_demo(ckpt: Path) -> None:
+    """The bundled trainer end to end: train with tp2, then resume the same run at tp1 (resharded)."""
+    shutil.rmtree(ckpt, ignore_errors=True)
+    model = ["--", "--layers", "2", "--width", "64", "--heads", "4", "--seq-len", "32", "--global-batch", "8"]
+    banner("ckptd train --nproc 2 --tp 2: 6 steps, a checkpoint every 3")
+    _train(["--nproc", "2", "--tp", "2", "--steps", "6", "--every", "3", "--ckpt", str(ckpt), *model])
+    cli(["ls", str(ckpt)])
+    banner("resume the same run on one process (tp1): each rank reads its new boxes, to step 9")
+    _train(["--nproc", "1", "--steps", "9", "--every", "3", "--ckpt", str(ckpt), *model])
+    cli(["ls", str(ckpt)])
+
+
+def _train(args: list[str]) -> None:
+    import subprocess
+
+    # -P: the source checkout must not shadow the installed package in the ranks.
+    out = subprocess.run(
+        [sys.executable, "-P", "-m", "ckptd", "train", *args], text=True, capture_output=True
+    )
+    print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("step", "ckptd"))))
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"ckptd train failed with status {out.returncode}")
 
 
 if __name__ == "__main__":
