@@ -225,8 +225,13 @@ class CatalogClient:
             checkpoint=ref, reason=doc.get("reason"), requested_at=str(doc.get("requested_at"))
         )
 
-    def acknowledge_rollback(self, run: str) -> bool:
-        return self._safe(f"acknowledge rollback of {run}", "DELETE", f"/runs/{run}/rollback") is not _FAILED
+    def acknowledge_rollback(self, run: str, checkpoint_id: int | None = None) -> bool:
+        """Clear the run's rollback pointer — only if it still names ``checkpoint_id``, when given."""
+        params = {} if checkpoint_id is None else {"checkpoint_id": checkpoint_id}
+        return (
+            self._safe(f"acknowledge rollback of {run}", "DELETE", f"/runs/{run}/rollback", params=params)
+            is not _FAILED
+        )
 
     def resolve(self, run: str, selector: str) -> CheckpointRef | None:
         """``latest``, ``best:<metric>[:min|:max]``, ``step:<n>`` or an alias -> a committed checkpoint."""

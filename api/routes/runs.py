@@ -174,9 +174,17 @@ def request_rollback(session: SessionDep, run: RunName, data: RollbackRequest) -
 
 
 @router.delete("/{run}/rollback", status_code=204, dependencies=[Authorized])
-def clear_rollback(session: SessionDep, run: RunName) -> None:
-    """The engine acknowledges that it restored the rollback target."""
-    selection.clear_rollback(session, run_name=run)
+def clear_rollback(
+    session: SessionDep,
+    run: RunName,
+    checkpoint_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+) -> None:
+    """The engine acknowledges that it restored the rollback target.
+
+    With ``checkpoint_id`` only a pointer to that checkpoint is cleared: a newer request set
+    between the engine's poll and its acknowledgement survives.
+    """
+    selection.clear_rollback(session, run_name=run, checkpoint_id=checkpoint_id)
 
 
 # --- retention, sync -------------------------------------------------------------------------------

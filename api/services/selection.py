@@ -128,10 +128,13 @@ def get_rollback(session: Session, *, run_name: str) -> Rollback | None:
     return session.get(Rollback, run.id)
 
 
-def clear_rollback(session: Session, *, run_name: str) -> None:
-    """The engine acknowledges a rollback it has performed."""
+def clear_rollback(session: Session, *, run_name: str, checkpoint_id: int | None = None) -> None:
+    """The engine acknowledges a rollback it has performed (only that one, given its checkpoint)."""
     run = get_run(session, name=run_name)
-    session.execute(delete(Rollback).where(Rollback.run_id == run.id))
+    stmt = delete(Rollback).where(Rollback.run_id == run.id)
+    if checkpoint_id is not None:
+        stmt = stmt.where(Rollback.checkpoint_id == checkpoint_id)
+    session.execute(stmt)
 
 
 def protected_ids(session: Session, *, run: Run) -> dict[int, str]:

@@ -77,8 +77,13 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for k, v in metrics.items():
         if len(out) >= MAX_METRICS:
             break
-        if (isinstance(k, str) and _METRIC_NAME.fullmatch(k) and isinstance(v, int | float)
-                and not isinstance(v, bool) and math.isfinite(v)):
+        if (
+            isinstance(k, str)
+            and _METRIC_NAME.fullmatch(k)
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        ):
             out[k] = float(v)
     return out
 
@@ -88,8 +93,12 @@ def layout_summary(manifest: Manifest) -> dict[str, Any] | None:
     if len(manifest.arrays) > MAX_LAYOUT_ARRAYS:
         return None
     arrays = {
-        path: {"dtype": a.dtype.name, "shape": list(a.shape),
-               "layout": a.layout.to_json() if a.layout is not None else {}, "nbytes": a.nbytes}
+        path: {
+            "dtype": a.dtype.name,
+            "shape": list(a.shape),
+            "layout": a.layout.to_json() if a.layout is not None else {},
+            "nbytes": a.nbytes,
+        }
         for path, a in manifest.arrays.items()
     }
     return {"mesh": {str(k): int(v) for k, v in manifest.mesh.items()}, "arrays": arrays}
@@ -99,13 +108,29 @@ def _engine_client(config: CatalogConfig) -> CatalogClient:
     # httpx and the client are imported only when a catalog is configured (optional dependency)
     from ckptd.api.client import CatalogClient, ClientConfig
 
-    return CatalogClient(ClientConfig(base_url=config.url, token=config.token, timeout_s=config.timeout_s,
-                                      retries=2, backoff_s=0.1, max_backoff_s=1.0,
-                                      deadline_s=config.deadline_s))
+    return CatalogClient(
+        ClientConfig(
+            base_url=config.url,
+            token=config.token,
+            timeout_s=config.timeout_s,
+            retries=2,
+            backoff_s=0.1,
+            max_backoff_s=1.0,
+            deadline_s=config.deadline_s,
+        )
+    )
 
 
-def commit_checkpoint(client: CatalogClient, checkpoint_id: int, *, tier: str, uri: str, nbytes: int,
-                      metrics: dict[str, float], layout: dict[str, Any] | None) -> bool:
+def commit_checkpoint(
+    client: CatalogClient,
+    checkpoint_id: int,
+    *,
+    tier: str,
+    uri: str,
+    nbytes: int,
+    metrics: dict[str, float],
+    layout: dict[str, Any] | None,
+) -> bool:
     """``PATCH /checkpoints/{id}`` to committed with the layout summary: ``CatalogClient.mark_committed``
     has no ``layout`` argument (the endpoint takes one), so this wraps the client's own retrying call."""
     from ckptd.api.client import _FAILED
@@ -115,8 +140,10 @@ def commit_checkpoint(client: CatalogClient, checkpoint_id: int, *, tier: str, u
         body["metrics"] = metrics
     if layout is not None:
         body["layout"] = layout
-    return client._safe(f"commit {checkpoint_id}", "PATCH", f"/checkpoints/{checkpoint_id}",
-                        json=body) is not _FAILED
+    return (
+        client._safe(f"commit {checkpoint_id}", "PATCH", f"/checkpoints/{checkpoint_id}", json=body)
+        is not _FAILED
+    )
 
 
 class CatalogLink:
@@ -160,8 +187,9 @@ class CatalogLink:
     def pending(self, tier: str, uri: str, step: int, metrics: Mapping[str, Any], parent: int | None) -> None:
         """A durable tier started writing checkpoint ``step``."""
         clean = clean_metrics(metrics)
-        self._enqueue(f"pending step {step}",
-                      lambda: self._register(step, tier, uri, clean, parent) is not None)
+        self._enqueue(
+            f"pending step {step}", lambda: self._register(step, tier, uri, clean, parent) is not None
+        )
 
     def committed(self, tier: str, uri: str, manifest: Manifest, parent: int | None = None) -> None:
         """``manifest`` was written: the checkpoint exists in ``tier`` at ``uri``."""
@@ -174,8 +202,9 @@ class CatalogLink:
             cid = self._register(step, tier, uri, clean, parent)
             if cid is None:
                 return False
-            ok = commit_checkpoint(self.client, cid, tier=tier, uri=uri, nbytes=nbytes, metrics=clean,
-                                   layout=layout)
+            ok = commit_checkpoint(
+                self.client, cid, tier=tier, uri=uri, nbytes=nbytes, metrics=clean, layout=layout
+            )
             if ok:
                 self._remember(self._committed, step, None)
             return ok
@@ -193,13 +222,15 @@ class CatalogLink:
 
         self._enqueue(f"fail step {step}", call)
 
-    def _register(self, step: int, tier: str, uri: str, metrics: dict[str, float],
-                  parent: int | None) -> int | None:
+    def _register(
+        self, step: int, tier: str, uri: str, metrics: dict[str, float], parent: int | None
+    ) -> int | None:
         cid = self._ids.get(step)
         if cid is not None:
             return cid
-        ref = self.client.register_checkpoint(self.run, step, locations={tier: uri}, metrics=metrics,
-                                              parent_step=parent)
+        ref = self.client.register_checkpoint(
+            self.run, step, locations={tier: uri}, metrics=metrics, parent_step=parent
+        )
         if ref is None:
             return None
         self._remember(self._ids, step, ref.id)
@@ -215,6 +246,7 @@ class CatalogLink:
     def forget_after(self, step: int) -> None:
         """Checkpoints newer than ``step`` were discarded by a rollback: a new one at the same step
         must be registered afresh, not mistaken for the old one."""
+
         def call() -> bool:
             for cache in (self._ids, self._committed):
                 for s in [s for s in cache if s > step]:
@@ -231,9 +263,12 @@ class CatalogLink:
                 self.dropped += 1
                 if not self._overflow_warned:
                     self._overflow_warned = True
-                    log.warning("catalog %s: %d notifications are waiting; dropping new ones until it "
-                                "catches up (`ckptd catalog sync` reconciles later)",
-                                self.config.url, len(self._items))
+                    log.warning(
+                        "catalog %s: %d notifications are waiting; dropping new ones until it "
+                        "catches up (`ckptd catalog sync` reconciles later)",
+                        self.config.url,
+                        len(self._items),
+                    )
                 return
             self._items.append((what, call))
             self._cond.notify_all()
@@ -258,7 +293,9 @@ class CatalogLink:
     def rollback_done(self, pointer: RollbackPointer) -> None:
         """The run resumed from the pointer's checkpoint: clear it in the catalog."""
         self.rollback_skipped(pointer)
-        self._enqueue("acknowledge rollback", lambda: self.client.acknowledge_rollback(self.run))
+        self._enqueue(
+            "acknowledge rollback", lambda: self.client.acknowledge_rollback(self.run, pointer.checkpoint.id)
+        )
 
     def rollback_skipped(self, pointer: RollbackPointer) -> None:
         """Never act on this request again (done, or impossible: the engine has no such step)."""
@@ -293,16 +330,20 @@ class CatalogLink:
             self._down_since = now
             self.outages += 1
             reason = self._gate_box[0] if self._gate_box else "no answer"
-            log.warning("catalog %s is unreachable (%s); training continues, notifications wait in a "
-                        "bounded queue and `ckptd catalog sync` reconciles anything dropped",
-                        self.config.url, reason)
+            log.warning(
+                "catalog %s is unreachable (%s); training continues, notifications wait in a "
+                "bounded queue and `ckptd catalog sync` reconciles anything dropped",
+                self.config.url,
+                reason,
+            )
         self._retry_at = now + self._backoff_s
         self._backoff_s = min(2 * self._backoff_s, _MAX_BACKOFF_S)
 
     def _came_back(self) -> None:
         if self._down_since is not None:
-            log.info("catalog %s answers again after %.1fs", self.config.url,
-                     time.monotonic() - self._down_since)
+            log.info(
+                "catalog %s answers again after %.1fs", self.config.url, time.monotonic() - self._down_since
+            )
         self._down_since = None
         self._backoff_s = 0.25
         self._overflow_warned = False
@@ -312,12 +353,17 @@ class CatalogLink:
         with self._cond:
             while True:
                 now = time.monotonic()
-                if self._closing and (not self._items or self._down_since is not None
-                                      or now >= self._close_deadline):
+                if self._closing and (
+                    not self._items or self._down_since is not None or now >= self._close_deadline
+                ):
                     if self._items:
                         self.dropped += len(self._items)
-                        log.warning("catalog %s: %d notifications not delivered at close; run "
-                                    "`ckptd catalog sync` to reconcile", self.config.url, len(self._items))
+                        log.warning(
+                            "catalog %s: %d notifications not delivered at close; run "
+                            "`ckptd catalog sync` to reconcile",
+                            self.config.url,
+                            len(self._items),
+                        )
                         self._items.clear()
                     return "exit", None
                 if self._items and now >= self._retry_at:
@@ -365,9 +411,13 @@ class CatalogLink:
             self._rejections += 1
             if self._rejections <= _REJECTIONS_LOGGED:
                 reason = self._gate_box[0] if self._gate_box else "refused"
-                log.warning("catalog %s refused %s: %s%s", self.config.url, what, reason,
-                            " (further refusals are not logged)" if self._rejections == _REJECTIONS_LOGGED
-                            else "")
+                log.warning(
+                    "catalog %s refused %s: %s%s",
+                    self.config.url,
+                    what,
+                    reason,
+                    " (further refusals are not logged)" if self._rejections == _REJECTIONS_LOGGED else "",
+                )
         else:
             self._went_down()  # keep it at the head: retried, in order, when the catalog answers again
             return

@@ -54,6 +54,12 @@ def test_rollback_pointer(api: httpx.Client) -> None:
     assert api.get(f"{V1}/runs/{run}/rollback").json()["checkpoint"]["step"] == 100
     assert api.post(f"{V1}/runs/{run}/rollback", json={"checkpoint_id": pending["id"]}).status_code == 409
     assert api.post(f"{V1}/runs/{run}/rollback", json={}).status_code == 422
+    # acknowledging another checkpoint's rollback (an older request) leaves the current one alone
+    assert api.delete(f"{V1}/runs/{run}/rollback", params={"checkpoint_id": a["id"] + 1}).status_code == 204
+    assert api.get(f"{V1}/runs/{run}/rollback").json()["checkpoint"]["id"] == a["id"]
+    assert api.delete(f"{V1}/runs/{run}/rollback", params={"checkpoint_id": a["id"]}).status_code == 204
+    assert api.get(f"{V1}/runs/{run}/rollback").json() is None
+    api.post(f"{V1}/runs/{run}/rollback", json={"checkpoint_id": a["id"]})
     assert api.delete(f"{V1}/runs/{run}/rollback").status_code == 204
     assert api.get(f"{V1}/runs/{run}/rollback").json() is None
 
