@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from ckptd.api.app import create_app
 from ckptd.api.db import normalise_url
 from ckptd.api.services.jobs import ConversionTask
 from ckptd.api.settings import CatalogSettings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from tests.uvicorn_thread import serve_in_thread
 
 TOKEN = "test-token-" + "x" * 16
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -112,27 +111,19 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers=AUTH if token else {}, timeout=30)
 
 
-def start_server(database_url: str, **app_kw: Any) -> tuple[LiveServer, uvicorn.Server, threading.Thread]:
+def start_server(database_url: str, **app_kw: Any) -> tuple[LiveServer, Callable[[], None]]:
+    """The catalog on a real uvicorn server (port 0); returns it and the function that stops it."""
     settings = CatalogSettings(database_url=database_url, api_token=TOKEN)
     app = create_app(settings, **app_kw)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("catalog server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return LiveServer(f"http://127.0.0.1:{port}", database_url, app), server, thread
+    url, stop = serve_in_thread(app)
+    return LiveServer(url, database_url, app), stop
 
 
 @pytest.fixture(scope="session")
 def live(databases: FreshDatabases) -> Iterator[LiveServer]:
-    live, server, thread = start_server(databases.new(), converter=write_conversion)
+    live, stop = start_server(databases.new(), converter=write_conversion)
     yield live
-    server.should_exit = True
-    thread.join(10)
+    stop()
 
 
 @pytest.fixture

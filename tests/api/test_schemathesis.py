@@ -28,10 +28,9 @@ def _record_conversion(task: ConversionTask) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def fuzzed_server(databases: FreshDatabases) -> Iterator[str]:
-    live, server, thread = start_server(databases.new(), converter=_record_conversion, deleter=deleted.append)
+    live, stop = start_server(databases.new(), converter=_record_conversion, deleter=deleted.append)
     yield live.url
-    server.should_exit = True
-    thread.join(10)
+    stop()
 
 
 @pytest.fixture(scope="module")

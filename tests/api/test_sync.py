@@ -111,7 +111,7 @@ def test_default_converter_reshards_a_real_checkpoint(databases: FreshDatabases,
     pytest.importorskip("torch")
     from tests.api.conftest import AUTH, start_server
 
-    live, server, thread = start_server(databases.new())  # the default converter: ckptd.converters.reshard
+    live, stop = start_server(databases.new())  # the default converter: ckptd.converters.reshard
     try:
         with httpx.Client(base_url=live.url, headers=AUTH, timeout=30) as api:
             run = make_run(api, tmp_path)
@@ -128,5 +128,4 @@ def test_default_converter_reshards_a_real_checkpoint(databases: FreshDatabases,
             out = Path(job["result"]["uri"])
             assert (out / "manifest.json").is_file() and job["result"]["arrays"] == 1
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()

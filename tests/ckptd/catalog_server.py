@@ -24,25 +24,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @contextmanager
 def thread_server(database_url: str) -> Iterator[str]:
     """The catalog app under uvicorn on 127.0.0.1, port 0, in this process; yields its URL."""
-    import uvicorn
     from ckptd.api.app import create_app
     from ckptd.api.settings import CatalogSettings
 
-    app = create_app(CatalogSettings(database_url=database_url, api_token=TOKEN))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("catalog server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    from tests.uvicorn_thread import serve_in_thread
+
+    url, stop = serve_in_thread(create_app(CatalogSettings(database_url=database_url, api_token=TOKEN)))
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        server.should_exit = True
-        thread.join(10)
+        stop()
 
 
 class ServeProcess:
@@ -50,10 +41,24 @@ class ServeProcess:
 
     def __init__(self, database_url: str, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ckptd", "serve", "--db", database_url, "--port", "0",
-             "--log-level", "info"],
-            cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "CKPTD_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
+            [
+                sys.executable,
+                "-m",
+                "ckptd",
+                "serve",
+                "--db",
+                database_url,
+                "--port",
+                "0",
+                "--log-level",
+                "info",
+            ],
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "CKPTD_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"},
+        )
         self.lines: list[str] = []
         found = threading.Event()
         self.url = ""

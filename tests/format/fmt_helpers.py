@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import torch
+from ckptd.format.boxes import ShardBox
 from ckptd.format.dtypes import _TABLE
+from hypothesis import strategies as st
 
 ALL_DTYPES: list[torch.dtype] = [d.torch_dtype for d in _TABLE]
 
@@ -56,3 +59,36 @@ def assert_tree_equal(got: Any, want: Any, path: str = "") -> None:
             assert_tree_equal(g, w, f"{path}/{i}")
     else:
         assert type(got) is type(want) and got == want, (path, got, want)
+
+
+# ---------------------------------------------------------------- hypothesis strategies
+
+
+@st.composite
+def box_in(draw: st.DrawFn, shape: tuple[int, ...]) -> ShardBox:
+    """Any box (possibly empty) inside an array of ``shape``."""
+    offset, extent = [], []
+    for s in shape:
+        o = draw(st.integers(0, s))
+        offset.append(o)
+        extent.append(draw(st.integers(0, s - o)))
+    return ShardBox(tuple(offset), tuple(extent))
+
+
+@st.composite
+def tilings(draw: st.DrawFn, max_1d: int = 30, max_nd: int = 30) -> tuple[tuple[int, ...], list[ShardBox]]:
+    """A shape and boxes that tile it exactly (a product of random cuts per dimension)."""
+    ndim = draw(st.integers(1, 3))
+    cuts = []
+    for _ in range(ndim):
+        size = draw(st.integers(1, max_1d if ndim == 1 else max_nd))
+        inner = draw(st.lists(st.integers(1, max(1, size - 1)), max_size=4))
+        cuts.append(sorted({0, size, *[c for c in inner if 0 < c < size]}))
+    boxes = [
+        ShardBox(
+            tuple(c[i] for c, i in zip(cuts, idx, strict=True)),
+            tuple(c[i + 1] - c[i] for c, i in zip(cuts, idx, strict=True)),
+        )
+        for idx in itertools.product(*(range(len(c) - 1) for c in cuts))
+    ]
+    return tuple(c[-1] for c in cuts), boxes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -16,20 +15,11 @@ from ckptd.format.boxes import (
     grid_cells,
     split_evenly,
 )
+from fmt_helpers import box_in, tilings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 shapes = st.lists(st.integers(0, 12), min_size=0, max_size=3).map(tuple)
-
-
-@st.composite
-def box_in(draw: st.DrawFn, shape: tuple[int, ...]) -> ShardBox:
-    offset, extent = [], []
-    for s in shape:
-        o = draw(st.integers(0, s))
-        offset.append(o)
-        extent.append(draw(st.integers(0, s - o)))
-    return ShardBox(tuple(offset), tuple(extent))
 
 
 def mask(box: ShardBox, shape: tuple[int, ...]) -> np.ndarray:
@@ -119,24 +109,6 @@ def test_cells_overlapping_are_exactly_the_overlapping_cells(
     assert got == want
     # the cells tile the array
     check_tiling(shape, [cell_box(c, cell, shape) for c in grid_cells(shape, cell)])
-
-
-@st.composite
-def tilings(draw: st.DrawFn) -> tuple[tuple[int, ...], list[ShardBox]]:
-    ndim = draw(st.integers(1, 3))
-    cuts = []
-    for _ in range(ndim):
-        size = draw(st.integers(1, 30))
-        inner = draw(st.lists(st.integers(1, max(1, size - 1)), max_size=4))
-        cuts.append(sorted({0, size, *[c for c in inner if 0 < c < size]}))
-    boxes = [
-        ShardBox(
-            tuple(c[i] for c, i in zip(cuts, idx, strict=True)),
-            tuple(c[i + 1] - c[i] for c, i in zip(cuts, idx, strict=True)),
-        )
-        for idx in itertools.product(*(range(len(c) - 1) for c in cuts))
-    ]
-    return tuple(c[-1] for c in cuts), boxes
 
 
 @settings(max_examples=200, deadline=None)

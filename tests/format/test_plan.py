@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 
@@ -10,26 +9,9 @@ import pytest
 from ckptd.format import LayoutError, ShardBox, TensorLayout
 from ckptd.format.boxes import cell_box, cells_overlapping, split_evenly
 from ckptd.format.plan import ArrayPlan, plan_array
+from fmt_helpers import tilings
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-
-@st.composite
-def tilings(draw: st.DrawFn) -> tuple[tuple[int, ...], list[ShardBox]]:
-    ndim = draw(st.integers(1, 3))
-    cuts = []
-    for _ in range(ndim):
-        size = draw(st.integers(1, 3000 if ndim == 1 else 60))
-        inner = draw(st.lists(st.integers(1, max(1, size - 1)), max_size=4))
-        cuts.append(sorted({0, size, *[c for c in inner if 0 < c < size]}))
-    boxes = [
-        ShardBox(
-            tuple(c[i] for c, i in zip(cuts, idx, strict=True)),
-            tuple(c[i + 1] - c[i] for c, i in zip(cuts, idx, strict=True)),
-        )
-        for idx in itertools.product(*(range(len(c) - 1) for c in cuts))
-    ]
-    return tuple(c[-1] for c in cuts), boxes
 
 
 def check_plan(
@@ -61,7 +43,11 @@ def check_plan(
 
 
 @settings(max_examples=300, deadline=None)
-@given(t=tilings(), itemsize=st.sampled_from([1, 2, 4, 8]), target=st.sampled_from([1, 10, 100, 4096, 2**22]))
+@given(
+    t=tilings(max_1d=3000, max_nd=60),
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+    target=st.sampled_from([1, 10, 100, 4096, 2**22]),
+)
 def test_plans_are_valid_for_any_tiling(
     t: tuple[tuple[int, ...], list[ShardBox]], itemsize: int, target: int
 ) -> None:

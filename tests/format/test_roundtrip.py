@@ -11,7 +11,7 @@ import pytest
 import torch
 from ckptd.format import CheckpointWriter, LayoutError, MetadataError, Run, ShardBox
 from ckptd.format.writer import report_from_json, report_to_json
-from fmt_helpers import ALL_DTYPES, assert_bits_equal, assert_tree_equal, random_bits
+from fmt_helpers import ALL_DTYPES, assert_bits_equal, assert_tree_equal, box_in, random_bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -256,16 +256,6 @@ def _array_and_chunking(draw: st.DrawFn) -> tuple[tuple[int, ...], torch.dtype, 
     return shape, dtype, chunk_bytes
 
 
-@st.composite
-def _box_in(draw: st.DrawFn, shape: tuple[int, ...]) -> ShardBox:
-    offset, extent = [], []
-    for s in shape:
-        o = draw(st.integers(0, s))
-        offset.append(o)
-        extent.append(draw(st.integers(0, s - o)))
-    return ShardBox(tuple(offset), tuple(extent))
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=_array_and_chunking(), data=st.data())
 def test_any_box_of_any_array_reads_back(
@@ -278,7 +268,7 @@ def test_any_box_of_any_array_reads_back(
         reader = Run(LocalStore(d, fsync=False)).reader(0)
         assert_bits_equal(reader.read("a"), full)
         for _ in range(3):
-            box = data.draw(_box_in(shape))
+            box = data.draw(box_in(shape))
             assert_bits_equal(reader.read("a", box), full[box.slices()].contiguous(), str(box))
 
 
@@ -326,7 +316,7 @@ def test_many_writers_any_boxes(
         reader = run.reader(7)
         assert_bits_equal(reader.read("x/arr"), full)
         for _ in range(4):
-            box = data.draw(_box_in(shape))
+            box = data.draw(box_in(shape))
             assert_bits_equal(reader.read("x/arr", box), full[box.slices()].contiguous(), str(box))
         out = torch.empty(shape, dtype=dtype)
         assert reader.read("x/arr", out=out) is out

@@ -34,7 +34,7 @@ class StoreTests:
 
     @pytest.fixture()
     def store(self) -> Store:  # pragma: no cover - always overridden
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must override the `store` fixture with a concrete backend")
 
     # ------------------------------------------------------------------ basics
     def test_implements_protocol(self, store: Store) -> None:
