@@ -43,13 +43,16 @@ def save(
     """
     run = open_run(uri, storage_options)
     skeleton, tensors = flatten(state)
-    ckpt_store = run.prepare(step, overwrite=overwrite)
     spec = CodecSpec.parse(codec) if isinstance(codec, str) else codec
-    writer = CheckpointWriter(ckpt_store, codec=spec, chunk_bytes=chunk_bytes, threads=threads)
-    for path, tensor in tensors.items():
-        writer.add(path, tensor)
-    report = writer.finish()
-    return run.commit(step, [report], state=skeleton, metadata=metadata)
+    ckpt_store = run.prepare(step, overwrite=overwrite)
+    try:
+        writer = CheckpointWriter(ckpt_store, codec=spec, chunk_bytes=chunk_bytes, threads=threads)
+        for path, tensor in tensors.items():
+            writer.add(path, tensor)
+        report = writer.finish()
+        return run.commit(step, [report], state=skeleton, metadata=metadata)
+    finally:
+        run.abandon(step)  # a failed attempt stays for gc; a committed one needs no lease
 
 
 def load(

@@ -1,9 +1,10 @@
-"""Committing a checkpoint: merge writer reports, write Zarr metadata, then the manifest last.
+"""Committing a checkpoint: Zarr metadata and tables first, the commit record last.
 
-The committer runs once (rank 0, or the single process) after every writer has made
-its shards durable. It checks that the writers' shards tile every array — a missing
-writer is an error, never a silently partial checkpoint — writes ``zarr.json`` for
-every array and group, and finally publishes ``manifest.json`` atomically. Until that
+The committer runs once (rank 0, or the single process) after every writer has made its
+shards durable. It checks that the writers wrote exactly what the storage plan requires — a
+missing writer is an error, never a silently partial checkpoint — writes ``zarr.json`` for
+every array and group and the format v2 metadata objects, and finally creates
+``manifest.json`` exclusively: of two attempts at one step exactly one commits. Until that
 last write the checkpoint does not exist for any reader.
 """
 
@@ -16,9 +17,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping, check_tiling
+from ckptd.format.codecs import crc32c
+from ckptd.format.commit_record import (
+    STATE_NAME,
+    BlobRef,
+    check_attempt,
+    encode_pages,
+    encode_record,
+    encode_state,
+    meta_key,
+    page_key,
+)
 from ckptd.format.errors import LayoutError
-from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecord
+from ckptd.format.lease import Lease
+from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecord, Totals
+from ckptd.format.names import check_segment
 from ckptd.format.store import Store
+from ckptd.format.tally import Tally, expected_tally
 from ckptd.format.tree import tensor_paths
 from ckptd.format.writer import ArrayReport, WriterReport
 from ckptd.format.zarr_meta import (
@@ -36,7 +51,7 @@ def merge_reports(reports: Sequence[WriterReport]) -> dict[str, ArrayRecord]:
         for path, a in rep.arrays.items():
             m = merged.get(path)
             if m is None:
-                merged[path] = ArrayReport(a.dtype, a.shape, a.kind, a.codec, a.layout, dict(a.parts))
+                merged[path] = ArrayReport(a.dtype, a.shape, a.kind, a.codec, a.layout, dict(a.parts), a.plan)
                 continue
             if (m.dtype, m.shape, m.kind, m.codec) != (a.dtype, a.shape, a.kind, a.codec):
                 raise LayoutError(
@@ -98,6 +113,12 @@ def check_complete(a: ArrayRecord) -> None:
         )
 
 
+def new_attempt() -> str:
+    """A fresh attempt directory name: every save attempt writes its data into its own directory,
+    so a zombie writer's late shards can never join another attempt's commit."""
+    return f"a-{uuid.uuid4().hex[:16]}"
+
+
 def commit(
     store: Store,
     *,
@@ -107,33 +128,115 @@ def commit(
     world_size: int = 1,
     mesh: Mapping[str, int] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    attempt: str | None = None,
+    rank_state: bool = False,
+    lease: Lease | None = None,
 ) -> Manifest:
-    """Publish a checkpoint whose shards the writers of ``reports`` have made durable in ``store``."""
+    """Publish a checkpoint whose shards the writers of ``reports`` made durable in ``store``.
+
+    ``store`` is rooted at the step directory. With ``attempt`` (format v2) the writers wrote into
+    ``<attempt>/``; ``reports`` are complete (every shard record), as in one process or when a
+    caller gathered them itself (DCP's storage layer does). Without ``attempt`` a format v1
+    checkpoint is written (the data at the step directory's root; kept for compatibility tests).
+    """
     arrays = merge_reports(reports)
+    if attempt is None:
+        return _commit_v1(store, step=step, arrays=arrays, state=state, world_size=world_size, mesh=mesh,
+                          metadata=metadata)
+    total = sum((r.tally for r in reports), Tally())
+    totals = Totals(arrays=len(arrays), shards=total.shards, nbytes=total.nbytes,
+                    stored_bytes=total.stored_bytes, writers=len({r.rank for r in reports if r.tally.shards}))
+    return publish(store, step=step, attempt=attempt, arrays=arrays, state=state, world_size=world_size,
+                   mesh=mesh, metadata=metadata, totals=totals, rank_state=rank_state, lease=lease)
+
+
+def check_tally(arrays: Mapping[str, ArrayRecord], got: Tally) -> None:
+    """The writers' summed tally must be exactly what the storage plan of ``arrays`` requires."""
+    want = expected_tally(arrays.values())
+    if got.shards != want.shards or got.fingerprint != want.fingerprint:
+        raise LayoutError(
+            f"the writers wrote {got.shards} shard objects but the storage plan has {want.shards}"
+            + ("" if got.shards != want.shards else " (a shard was written twice or at the wrong place)")
+            + ": a writer is missing from the commit, or ranks disagree about the layout"
+        )
+
+
+def publish(
+    store: Store,
+    *,
+    step: int,
+    attempt: str,
+    arrays: Mapping[str, ArrayRecord],
+    state: dict[str, Any],
+    world_size: int,
+    mesh: Mapping[str, int] | None,
+    metadata: Mapping[str, Any] | None,
+    totals: Totals,
+    rank_state: bool = False,
+    lease: Lease | None = None,
+) -> Manifest:
+    """Format v2 commit: Zarr metadata and tables, then the commit record, created exclusively.
+
+    :class:`CheckpointExistsError` when another attempt committed this step first; nothing of
+    this attempt is then visible (its directory is collected by gc).
+    """
+    check_attempt(attempt)
     missing = [p for p in tensor_paths(state) if p not in arrays]
     if missing:
         raise LayoutError(f"the state refers to arrays that no writer wrote: {missing[:5]}")
+    mesh = {check_segment(str(k)): int(v) for k, v in (mesh or {}).items()}
     manifest = Manifest(
-        step=step,
-        checkpoint_id=uuid.uuid4().hex,
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-        world_size=world_size,
-        arrays=arrays,
-        state=state,
-        mesh=dict(mesh or {}),
-        metadata=dict(metadata or {}),
+        step=step, checkpoint_id=uuid.uuid4().hex, created_at=_now(), world_size=world_size,
+        arrays={p: a.unlisted() for p, a in arrays.items()}, state=state, mesh=mesh,
+        metadata=dict(metadata or {}), format_version=2, attempt=attempt, totals=totals, rank_state=rank_state,
     )
-    documents: dict[str, bytes] = {}
-    for a in arrays.values():
-        for i, part in enumerate(a.parts):
-            documents[f"{a.part_key(i)}/{ZARR_JSON}"] = array_document(a, part, i)
-    for g in sorted(checkpoint_groups(arrays.values())):  # verify.py checks the same set
-        attrs = root_attributes(manifest.format_version, step) if g == "" else {}
-        documents[f"{g}/{ZARR_JSON}" if g else ZARR_JSON] = group_document(attrs)
-    # Hundreds of small objects: write them concurrently (object stores answer in parallel).
-    with ThreadPoolExecutor(16) as pool:
-        for f in [pool.submit(store.write, key, [doc]) for key, doc in documents.items()]:
-            f.result()
+    pages = encode_pages(attempt, manifest.arrays)
+    state_raw = encode_state(attempt, state)
+    record = encode_record(manifest, [ref for ref, _ in pages], BlobRef(len(state_raw), crc32c(state_raw)))
+    documents = _zarr_documents(manifest, prefix=f"{attempt}/")
+    documents.update({page_key(attempt, i): raw for i, (_, raw) in enumerate(pages)})
+    documents[meta_key(attempt, STATE_NAME)] = state_raw
+    _write_all(store, documents)
+    store.flush()
+    if lease is not None:
+        lease.check()
+    store.write_exclusive(MANIFEST_KEY, record)
+    return manifest
+
+
+def _commit_v1(store: Store, *, step: int, arrays: dict[str, ArrayRecord], state: dict[str, Any],
+               world_size: int, mesh: Mapping[str, int] | None, metadata: Mapping[str, Any] | None) -> Manifest:
+    missing = [p for p in tensor_paths(state) if p not in arrays]
+    if missing:
+        raise LayoutError(f"the state refers to arrays that no writer wrote: {missing[:5]}")
+    manifest = Manifest(step=step, checkpoint_id=uuid.uuid4().hex, created_at=_now(), world_size=world_size,
+                        arrays=arrays, state=state, mesh=dict(mesh or {}), metadata=dict(metadata or {}),
+                        format_version=1)
+    _write_all(store, _zarr_documents(manifest, prefix=""))
     store.flush()
     store.write_atomic(MANIFEST_KEY, manifest.dumps())
     return manifest
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _zarr_documents(manifest: Manifest, *, prefix: str) -> dict[str, bytes]:
+    documents: dict[str, bytes] = {}
+    for a in manifest.arrays.values():
+        for i, part in enumerate(a.parts):
+            documents[f"{prefix}{a.part_key(i)}/{ZARR_JSON}"] = array_document(a, part, i)
+    for g in sorted(checkpoint_groups(manifest.arrays.values())):  # verify.py checks the same set
+        attrs = root_attributes(manifest.format_version, manifest.step) if g == "" else {}
+        documents[f"{prefix}{g}/{ZARR_JSON}" if g else f"{prefix}{ZARR_JSON}"] = group_document(attrs)
+    return documents
+
+
+def _write_all(store: Store, documents: Mapping[str, bytes]) -> None:
+    # Hundreds of small objects: write them concurrently (object stores answer in parallel).
+    if not documents:
+        return
+    with ThreadPoolExecutor(min(16, len(documents))) as pool:
+        for f in [pool.submit(store.write, key, [doc]) for key, doc in documents.items()]:
+            f.result()

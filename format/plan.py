@@ -8,11 +8,14 @@ set of writer boxes and the target chunk size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ckptd.format.boxes import ShardBox, check_tiling, common_grid
 from ckptd.format.errors import LayoutError
+from ckptd.format.layout import TensorLayout
 from ckptd.format.manifest import ArrayKind
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
@@ -42,6 +45,50 @@ class ArrayPlan:
             if p.offset == box.offset and p.shape == box.shape:
                 return p
         raise LayoutError(f"box {box.to_json()} is not one of the writer boxes of this array")
+
+
+_CACHE_ENTRIES = 1 << 16
+_plans: dict[tuple[Any, ...], tuple[Any, ArrayPlan]] = {}
+_plans_lock = threading.Lock()
+
+
+def cached_plan(
+    shape: tuple[int, ...],
+    itemsize: int,
+    box: ShardBox,
+    chunk_bytes: int,
+    *,
+    boxes: Sequence[ShardBox] | None = None,
+    layout: TensorLayout | None = None,
+    mesh: Mapping[str, int] | None = None,
+) -> ArrayPlan:
+    """``plan_array`` for a writer's box, computed once per layout and reused across saves.
+
+    Layouts do not change between saves, and planning checks that the writer boxes tile the
+    array, which is costly for thousands of boxes. The key holds the layout object itself
+    (compared by identity: a ``TensorLayout`` is immutable) or the explicit box list.
+    """
+    if boxes is not None:
+        key: tuple[Any, ...] = ("boxes", shape, itemsize, chunk_bytes, tuple(boxes))
+        anchor: Any = None
+    elif layout is not None and mesh is not None:
+        key = ("layout", id(layout), shape, itemsize, chunk_bytes, tuple(sorted(mesh.items())))
+        anchor = layout
+    else:
+        key = ("single", shape, itemsize, chunk_bytes, box)
+        anchor = None
+    with _plans_lock:
+        hit = _plans.get(key)
+    if hit is not None and hit[0] is anchor:
+        return hit[1]
+    if boxes is None:
+        boxes = layout.all_boxes(shape, mesh) if layout is not None and mesh is not None else [box]
+    plan = plan_array(shape, itemsize, boxes, chunk_bytes)
+    with _plans_lock:
+        if len(_plans) >= _CACHE_ENTRIES:
+            _plans.clear()
+        _plans[key] = (anchor, plan)
+    return plan
 
 
 def plan_array(

@@ -88,7 +88,17 @@ class CheckpointReader:
 
     def _fill(self, a: ArrayRecord, box: ShardBox, dest: np.ndarray) -> None:
         if a.kind == "scalar":
-            raw = self._get(f"{a.part_key(0)}/c", a.parts[0].shards[0], 0, a.dtype.itemsize + 4)
+            key = f"{a.part_key(0)}/c"
+            try:
+                raw = self.store.read(key)
+            except FileNotFoundError as e:
+                raise IntegrityError(f"{a.path}: {key} is missing from storage ({self.store.url})") from e
+            except CheckpointError:
+                raise
+            except OSError as e:
+                raise StorageError(f"reading {key} from {self.store.url} failed: {e}") from e
+            if len(raw) != a.dtype.itemsize + 4:
+                raise IntegrityError(f"{a.path}: scalar value has {len(raw)} bytes, not {a.dtype.itemsize + 4}")
             body, stored = raw[:-4], struct.unpack("<I", raw[-4:])[0]
             if len(body) != a.dtype.itemsize or crc32c(body) != stored:
                 raise IntegrityError(f"{a.path}: scalar value fails its crc32c check")
@@ -108,9 +118,9 @@ class CheckpointReader:
             by_coords = {s.coords: s for s in part.shards}
             for coords in cells_overlapping(local_want, part.grid):
                 rec = by_coords.get(coords)
-                if rec is None:
+                if rec is None and part.listed:
                     raise IntegrityError(f"{a.path}: shard {list(coords)} is missing from the manifest")
-                tasks.append(self._shard_task(a, i, part, rec, local_want, box, dest))
+                tasks.append(self._shard_task(a, i, part, coords, rec, local_want, box, dest))
         if len(tasks) <= 1:
             for t in tasks:
                 t()
@@ -124,47 +134,62 @@ class CheckpointReader:
         a: ArrayRecord,
         part_index: int,
         part: PartRecord,
-        rec: ShardRecord,
+        coords: tuple[int, ...],
+        rec: ShardRecord | None,
         local_want: ShardBox,
         box: ShardBox,
         dest: np.ndarray,
     ) -> Callable[[], None]:
+        """Read the overlap of one shard. ``rec`` (format v1) pins the shard's size and index
+        checksum; format v2 finds the index at the end of the object and trusts its own crc32c."""
+
         def run() -> None:
-            key = shard_key(a.part_key(part_index), rec.coords)
-            cell = cell_box(rec.coords, part.grid, part.shape)
+            key = shard_key(a.part_key(part_index), coords)
+            cell = cell_box(coords, part.grid, part.shape)
             geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
             where = f"{a.path} shard {key}"
-            if rec.nbytes < geom.index_nbytes:
-                raise IntegrityError(f"{where}: recorded size {rec.nbytes} is smaller than its index")
-            data_nbytes = rec.nbytes - geom.index_nbytes
+            data_nbytes: int | None = None
+            if rec is not None:
+                if rec.nbytes < geom.index_nbytes:
+                    raise IntegrityError(f"{where}: recorded size {rec.nbytes} is smaller than its index")
+                data_nbytes = rec.nbytes - geom.index_nbytes
             needed = [c for c in geom.chunks_overlapping(local_want) if not geom.chunk_box(c).is_empty()]
             whole: bytes | memoryview | None = None
             with self._index_lock:
                 index = self._indexes.get(key)
             if len(needed) >= WHOLE_SHARD_FRACTION * geom.nchunks:
-                whole = self._get(key, rec, 0, rec.nbytes)
+                whole = self._whole(key, rec)
+                if rec is None:
+                    data_nbytes = len(whole) - geom.index_nbytes
+                    if data_nbytes < 0:
+                        raise IntegrityError(f"{where}: {len(whole)} bytes, smaller than its index")
+                assert data_nbytes is not None
                 if index is None:
                     index = self._check_index(memoryview(whole)[data_nbytes:], rec, geom, where)
             elif index is None:
-                index = self._check_index(self._get(key, rec, data_nbytes, rec.nbytes), rec, geom, where)
+                if rec is not None:
+                    assert data_nbytes is not None
+                    raw_index = self._get(key, data_nbytes, rec.nbytes)
+                else:
+                    raw_index = self._tail(key, geom.index_nbytes)
+                index = self._check_index(raw_index, rec, geom, where)
                 with self._index_lock:
                     self._indexes[key] = index
                     if len(self._indexes) > INDEX_CACHE_ENTRIES:
                         self._indexes.popitem(last=False)
             ranges = [(c, chunk_range(index, geom.flat_index(c), data_nbytes, where)) for c in needed]
+            absent = [c for c, r in ranges if r is None]
+            if absent:
+                # ckptd writes every chunk inside the array; an index marking one absent is damage
+                # (reading it as zeros would hand back a tensor that never existed)
+                raise IntegrityError(f"{where}: chunk {list(absent[0])} is missing from the shard index")
             present = [(c, r) for c, r in ranges if r is not None]
             blobs: list[bytes | memoryview]
             if whole is not None:
                 wv = memoryview(whole)
                 blobs = [wv[r[0] : r[1]] for _, r in present]
             else:
-                blobs = self._get_ranges(key, rec, [r for _, r in present])
-            absent = [c for c, r in ranges if r is None]
-            for c in absent:  # a chunk of fill values (zarr-python omits those): zeros
-                cb = geom.chunk_box(c)
-                overlap = cb.intersect(local_want)
-                if overlap is not None:
-                    dest[_dest_slices(overlap, part, box)] = 0
+                blobs = self._get_ranges(key, [r for _, r in present])
             itemsize = a.dtype.itemsize
             for (c, _), blob in zip(present, blobs, strict=True):
                 cb = geom.chunk_box(c)
@@ -184,30 +209,43 @@ class CheckpointReader:
 
     @staticmethod
     def _check_index(
-        raw: bytes | memoryview, rec: ShardRecord, geom: ShardGeometry, where: str
+        raw: bytes | memoryview, rec: ShardRecord | None, geom: ShardGeometry, where: str
     ) -> np.ndarray:
-        if crc32c(bytes(raw[:-4])) != rec.index_crc32c:
+        if len(raw) != geom.index_nbytes:
+            raise IntegrityError(f"{where}: the shard is truncated (its index is incomplete)")
+        if rec is not None and crc32c(bytes(raw[:-4])) != rec.index_crc32c:
             raise IntegrityError(f"{where}: shard index does not match the manifest checksum")
         return decode_index(raw, geom, where)
 
-    def _get(self, key: str, rec: ShardRecord, start: int, stop: int) -> bytes | memoryview:
-        (blob,) = self._get_ranges(key, rec, [(start, stop)])
-        return blob
-
-    def _get_ranges(
-        self, key: str, rec: ShardRecord, ranges: list[tuple[int, int]]
-    ) -> list[bytes | memoryview]:
-        if not ranges:
-            return []
-        merged = _coalesce(ranges)
+    def _storage_call(self, key: str, fn: Callable[[], Any]) -> Any:
         try:
-            fetched = self.store.read_ranges(key, [(s, e) for s, e, _ in merged])
+            return fn()
         except FileNotFoundError as e:
             raise IntegrityError(f"shard {key} is missing from storage ({self.store.url})") from e
         except CheckpointError:
             raise
         except OSError as e:
             raise StorageError(f"reading {key} from {self.store.url} failed: {e}") from e
+
+    def _whole(self, key: str, rec: ShardRecord | None) -> bytes | memoryview:
+        if rec is not None:
+            return self._get(key, 0, rec.nbytes)
+        blob: bytes = self._storage_call(key, lambda: self.store.read(key))
+        return blob
+
+    def _tail(self, key: str, n: int) -> bytes:
+        blob: bytes = self._storage_call(key, lambda: self.store.read_tail(key, n))
+        return blob
+
+    def _get(self, key: str, start: int, stop: int) -> bytes | memoryview:
+        (blob,) = self._get_ranges(key, [(start, stop)])
+        return blob
+
+    def _get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes | memoryview]:
+        if not ranges:
+            return []
+        merged = _coalesce(ranges)
+        fetched = self._storage_call(key, lambda: self.store.read_ranges(key, [(s, e) for s, e, _ in merged]))
         out: list[bytes | memoryview] = [b""] * len(ranges)
         for (start, stop, members), blob in zip(merged, fetched, strict=True):
             if len(blob) != stop - start:

@@ -1,27 +1,33 @@
 """A run root: the committed checkpoints under one URL, by step.
 
-Layout: ``<run root>/step_<10-digit step>/`` holds one checkpoint (a Zarr v3 group);
-it is committed exactly when its ``manifest.json`` exists. Directories without a
-manifest are in progress or left over by a crash: invisible to readers, and
-collected by ``gc_uncommitted`` once they are old enough.
+Layout: ``<run root>/step_<10-digit step>/`` holds one checkpoint; it is committed exactly
+when its ``manifest.json`` exists. In format v2 every save attempt writes into its own
+``a-<16 hex>/`` directory (plus ``a-<16 hex>.meta/``) beside it, and the commit record names
+the attempt that won; format v1 checkpoints keep their data at the step directory's root.
+Attempts that never committed (crashes, losers of a race, zombie writers) are invisible to
+readers and collected by ``gc_uncommitted`` once no writer has held them for a while.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from ckptd.format.commit import commit
+from ckptd.format.commit import commit, new_attempt
+from ckptd.format.commit_record import ATTEMPT, LEASE_NAME, load_manifest, load_rank_state, meta_key
 from ckptd.format.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, StorageError
-from ckptd.format.manifest import MANIFEST_KEY, Manifest, loads
+from ckptd.format.lease import Lease
+from ckptd.format.manifest import MANIFEST_KEY, Manifest, loads_document, parse, with_context
 from ckptd.format.reader import CheckpointReader
 from ckptd.format.store import Store
 from ckptd.format.verify import Problem, verify
 from ckptd.format.writer import WriterReport
 
 _STEP_DIR = re.compile(r"^step_(\d{10})$")
+_META_SUFFIX = ".meta"
 
 
 def step_dir(step: int) -> str:
@@ -35,6 +41,8 @@ class Run:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._open: dict[int, tuple[str, Lease]] = {}
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -66,7 +74,17 @@ class Run:
         return steps[-1] if steps else None
 
     def checkpoint_store(self, step: int) -> Store:
+        """The step directory (commit record, attempts)."""
         return self.store.child(step_dir(step))
+
+    def attempt_store(self, step: int, attempt: str) -> Store:
+        """Where the writers of ``attempt`` put their shards (the attempt's Zarr group)."""
+        if not ATTEMPT.match(attempt):
+            raise CheckpointError(f"attempt {attempt!r} is not a-<16 hex digits>")
+        return self.store.child(f"{step_dir(step)}/{attempt}")
+
+    def data_store(self, step: int, manifest: Manifest) -> Store:
+        return self.attempt_store(step, manifest.attempt) if manifest.attempt else self.checkpoint_store(step)
 
     def is_committed(self, step: int) -> bool:
         return self.store.exists(f"{step_dir(step)}/{MANIFEST_KEY}")
@@ -79,31 +97,66 @@ class Run:
             raise CheckpointNotFoundError(f"no committed checkpoint at step {step} in {self.url}") from None
         except OSError as e:
             raise StorageError(f"reading {key} from {self.url} failed: {e}") from e
-        m = loads(raw, f"{self.url}/{key}")
+        where = f"{self.url}/{key}"
+        version, doc = loads_document(raw, where)
+        m: Manifest = (with_context(where, lambda: parse(doc)) if version == 1
+                       else load_manifest(self.checkpoint_store(step), doc, where))
         if m.step != step:
-            raise CheckpointError(f"{self.url}/{key} describes step {m.step}, not {step}")
+            raise CheckpointError(f"{where} describes step {m.step}, not {step}")
         return m
+
+    def rank_state(self, step: int, rank: int, manifest: Manifest) -> dict[str, Any] | None:
+        """What rank ``rank`` saved for itself alone (format v2; v1 kept it in the metadata)."""
+        if not manifest.rank_state:
+            return None
+        return load_rank_state(self.checkpoint_store(step), manifest.attempt, rank,
+                               f"{self.url}/{step_dir(step)}")
 
     def reader(self, step: int | None = None, *, threads: int = 8) -> CheckpointReader:
         if step is None:
             step = self.latest()
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self.url}")
-        return CheckpointReader(self.checkpoint_store(step), self.manifest(step), threads=threads)
+        m = self.manifest(step)
+        return CheckpointReader(self.data_store(step, m), m, threads=threads)
 
     def verify(self, step: int, *, threads: int = 8) -> list[Problem]:
-        return verify(self.checkpoint_store(step), self.manifest(step), threads=threads)
+        m = self.manifest(step)
+        return verify(self.data_store(step, m), m, threads=threads)
 
-    def prepare(self, step: int, *, overwrite: bool = False) -> Store:
-        """Make ``step_<step>/`` ready for writers: stale uncommitted data of a crashed attempt is removed."""
+    # ---------------------------------------------------------------- writing
+    def prepare(self, step: int, *, overwrite: bool = False, attempt: str | None = None) -> Store:
+        """Open a save attempt of ``step``; returns the store its writers write into.
+
+        Nothing already there is touched (another attempt may belong to a live writer: the
+        exclusive commit decides between them). ``overwrite`` deletes a committed checkpoint of
+        this step first. The attempt holds a lease until ``commit`` or ``abandon``.
+        """
         d = step_dir(step)
         if self.store.exists(f"{d}/{MANIFEST_KEY}"):
             if not overwrite:
                 raise CheckpointExistsError(f"step {step} is already committed in {self.url}")
             self.delete(step)
-        elif self.store.list_dir(d):
-            self.store.delete_prefix(d)
-        return self.store.child(d)
+        attempt = attempt or new_attempt()
+        lease = Lease(self.checkpoint_store(step), meta_key(attempt, LEASE_NAME)).__enter__()
+        with self._lock:
+            old = self._open.pop(step, None)
+            self._open[step] = (attempt, lease)
+        if old is not None:
+            old[1].__exit__()
+        return self.attempt_store(step, attempt)
+
+    def open_attempt(self, step: int) -> str | None:
+        with self._lock:
+            entry = self._open.get(step)
+        return entry[0] if entry else None
+
+    def abandon(self, step: int) -> None:
+        """Stop holding the lease of this process's open attempt of ``step`` (gc may collect it)."""
+        with self._lock:
+            entry = self._open.pop(step, None)
+        if entry is not None:
+            entry[1].__exit__()
 
     def commit(
         self,
@@ -114,16 +167,29 @@ class Run:
         world_size: int = 1,
         mesh: Mapping[str, int] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        attempt: str | None = None,
+        rank_state: bool = False,
     ) -> Manifest:
-        return commit(
-            self.checkpoint_store(step),
-            step=step,
-            reports=reports,
-            state=state,
-            world_size=world_size,
-            mesh=mesh,
-            metadata=metadata,
-        )
+        """Commit the attempt ``prepare`` opened (or ``attempt``, opened by another process)."""
+        with self._lock:
+            entry = self._open.get(step)
+        if attempt is None and entry is None:
+            raise CheckpointError(f"step {step}: no save attempt is open in this process (call prepare)")
+        lease = entry[1] if entry is not None and (attempt is None or attempt == entry[0]) else None
+        attempt = attempt or (entry[0] if entry else None)
+        try:
+            manifest = commit(self.checkpoint_store(step), step=step, reports=reports, state=state,
+                              world_size=world_size, mesh=mesh, metadata=metadata, attempt=attempt,
+                              rank_state=rank_state, lease=lease)
+        except BaseException:
+            if lease is not None:
+                self.abandon(step)
+            raise
+        if lease is not None:
+            with self._lock:
+                self._open.pop(step, None)
+            lease.release()
+        return manifest
 
     def delete(self, step: int) -> None:
         """Uncommit, then delete.
@@ -135,14 +201,47 @@ class Run:
         self.store.delete_prefix(d)
 
     def gc_uncommitted(self, *, min_age_s: float = 3600.0, dry_run: bool = False) -> list[int]:
-        """Delete step directories that have no manifest and have not changed for ``min_age_s``."""
+        """Delete what no committed checkpoint uses and no writer touched for ``min_age_s``.
+
+        Uncommitted attempts (crashes, losers of a commit race, zombies) go once their lease, or
+        without one their newest object, is that old; the lease is deleted first, so a writer
+        paused meanwhile fails at its commit instead of publishing deleted files. Format v1 step
+        directories without a manifest go whole. Returns the steps where something was deleted.
+        """
         now = time.time()
         collected = []
-        for s in self.uncommitted():
-            mtime = self.store.mtime(step_dir(s))
-            if mtime is not None and now - mtime < min_age_s:
-                continue  # may still be in progress
+        for s, d in self._step_dirs():
+            step_store = self.store.child(d)
+            committed = self.store.exists(f"{d}/{MANIFEST_KEY}")
+            keep = self.manifest(s).attempt if committed else None
+            names = step_store.list_dir("")
+            attempts = sorted({n.removesuffix(_META_SUFFIX) for n in names
+                               if ATTEMPT.match(n.removesuffix(_META_SUFFIX))} - {keep})
+            stale = [a for a in attempts if _age(step_store, a, now) >= min_age_s]
+            legacy = not committed and not attempts
+            if legacy:
+                mtime = self.store.mtime(d)
+                if mtime is not None and now - mtime < min_age_s:
+                    continue
+            if not stale and not legacy:
+                continue
             if not dry_run:
-                self.store.delete_prefix(step_dir(s))
+                for a in stale:
+                    step_store.delete(meta_key(a, LEASE_NAME))
+                    step_store.delete_prefix(a)
+                    step_store.delete_prefix(a + _META_SUFFIX)
+                if legacy or (not committed and len(stale) == len(attempts)):
+                    if not self.store.exists(f"{d}/{MANIFEST_KEY}"):
+                        self.store.delete_prefix(d)
             collected.append(s)
         return collected
+
+
+def _age(step_store: Store, attempt: str, now: float) -> float:
+    """Seconds since a writer last touched ``attempt`` (its lease, else its newest object)."""
+    lease = step_store.mtime(meta_key(attempt, LEASE_NAME))
+    if lease is not None:
+        return now - lease
+    newest = max((t for t in (step_store.mtime(attempt), step_store.mtime(attempt + _META_SUFFIX))
+                   if t is not None), default=None)
+    return float("inf") if newest is None else now - newest

@@ -51,6 +51,12 @@ class ShardGeometry:
     def index_nbytes(self) -> int:
         return self.nchunks * INDEX_ENTRY + 4
 
+    def max_nbytes(self, itemsize: int) -> int:
+        """The most bytes a shard of this geometry can take: every chunk stored, compressors
+        allowed to expand a little (zstd/blosc bound their output below 1.01x + 1 KiB)."""
+        chunk = math.prod(self.chunk) * itemsize
+        return self.nchunks * (chunk + chunk // 64 + 1024 + 4) + self.index_nbytes
+
     def chunk_box(self, local: Sequence[int]) -> ShardBox:
         """Global box of inner chunk ``local`` clipped to the array (may be empty beyond the edge)."""
         off = tuple(o + i * c for o, i, c in zip(self.origin, local, self.chunk, strict=True))
@@ -123,12 +129,16 @@ def decode_index(raw: bytes | memoryview, geom: ShardGeometry, where: str) -> np
     return np.frombuffer(body, dtype="<u8").reshape(geom.nchunks, 2)
 
 
-def chunk_range(index: np.ndarray, flat: int, data_nbytes: int, where: str) -> tuple[int, int] | None:
-    """``(start, stop)`` of an inner chunk in the shard, None when absent; bounds-checked."""
+def chunk_range(index: np.ndarray, flat: int, data_nbytes: int | None, where: str) -> tuple[int, int] | None:
+    """``(start, stop)`` of an inner chunk in the shard, None when absent; bounds-checked.
+
+    ``data_nbytes`` None: the shard's size is not known (format v2 reads the index from the end of
+    the object); a range beyond the object then comes back short and is reported as truncation.
+    """
     off, n = int(index[flat, 0]), int(index[flat, 1])
     if off == EMPTY and n == EMPTY:
         return None
-    if n < 4 or off + n > data_nbytes:
+    if n < 4 or off + n > (data_nbytes if data_nbytes is not None else 2**62):
         raise IntegrityError(f"{where}: chunk {flat} points outside the shard ({off}+{n} > {data_nbytes})")
     return off, off + n
 

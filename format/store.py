@@ -7,8 +7,9 @@ than ``NotImplementedError``.
 
 Durability contract: ``write`` may return before data is durable; ``flush`` makes
 every write this instance has done durable (local: fsync of files and their new
-directories). ``write_atomic`` is the commit primitive: readers see either the old
-state (absent) or the complete new object, never a part of it.
+directories). ``write_atomic`` and ``write_exclusive`` publish objects: readers see either
+the old state (absent) or the complete new object, never a part of it;
+``write_exclusive`` also refuses to replace an existing object (one commit per step).
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class Store(Protocol):
         """Durably publish ``data`` at ``key`` all at once (after every earlier write is durable)."""
         ...
 
+    def write_exclusive(self, key: str, data: bytes) -> None:
+        """Durably publish ``data`` at ``key`` only if ``key`` does not exist yet (after every earlier
+        write is durable); :class:`FileExistsError` (a ``CheckpointExistsError``) when it does.
+
+        The commit primitive of format v2: of two writers racing for one key exactly one wins
+        (local disk: ``link()``; S3: a conditional PUT with ``If-None-Match: *``).
+        """
+        ...
+
     def flush(self) -> None:
         """Make every earlier ``write`` of this instance durable."""
         ...
@@ -60,6 +70,10 @@ class Store(Protocol):
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Byte ranges ``[start, stop)`` of one object, fetched concurrently where the backend can."""
+        ...
+
+    def read_tail(self, key: str, n: int) -> bytes:
+        """The last ``n`` bytes of an object (all of it when shorter) in one request, size unknown."""
         ...
 
     def size(self, key: str) -> int: ...

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ckptd.format.boxes import cell_box
 from ckptd.format.codecs import crc32c
 from ckptd.format.errors import CheckpointError, MetadataError
-from ckptd.format.manifest import ArrayRecord, Manifest
+from ckptd.format.manifest import ArrayRecord, Manifest, ShardRecord
 from ckptd.format.shard import ShardGeometry, chunk_range, decode_index
 from ckptd.format.store import Store
 from ckptd.format.writer import shard_key
@@ -44,10 +44,14 @@ def verify(
         for g in sorted(checkpoint_groups(manifest.arrays.values()))
     ]
     for a in manifest.arrays.values():
-        for i in range(len(a.parts)):
+        for i, part in enumerate(a.parts):
             jobs.append(lambda a=a, i=i: _check_zarr_json(store, a, i))  # type: ignore[misc]
-            for rec_index in range(len(a.parts[i].shards)):
-                jobs.append(lambda a=a, i=i, r=rec_index: _check_shard(store, a, i, r))  # type: ignore[misc]
+            if part.listed:
+                for rec in part.shards:
+                    jobs.append(lambda a=a, i=i, r=rec: _check_shard(store, a, i, r.coords, r))  # type: ignore[misc]
+            else:
+                for coords in part.cells():
+                    jobs.append(lambda a=a, i=i, c=coords: _check_shard(store, a, i, c, None))  # type: ignore[misc]
     problems: list[Problem] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for found in pool.map(lambda job: job(), jobs):
@@ -101,37 +105,45 @@ def _check_group_json(store: Store, manifest: Manifest, group: str) -> list[Prob
     return []
 
 
-def _check_shard(store: Store, a: ArrayRecord, part_index: int, rec_index: int) -> list[Problem]:
+def _check_shard(
+    store: Store, a: ArrayRecord, part_index: int, coords: tuple[int, ...], rec: ShardRecord | None
+) -> list[Problem]:
+    """One shard object: its size (format v1 records it), index and every chunk's crc32c."""
     part = a.parts[part_index]
-    rec = part.shards[rec_index]
     if a.kind == "scalar":
         key = f"{a.part_key(part_index)}/c"
     else:
-        key = shard_key(a.part_key(part_index), rec.coords)
+        key = shard_key(a.part_key(part_index), coords)
+    cell = cell_box(coords, part.grid, part.shape)
+    geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
+    limit = rec.nbytes if rec is not None else (
+        a.dtype.itemsize + 4 if a.kind == "scalar" else geom.max_nbytes(a.dtype.itemsize))
     try:
+        size = store.size(key)
+        if size > limit:
+            return [Problem(a.path, key, f"size {size} bytes, larger than a shard of this array can be "
+                            f"({limit}; replaced or damaged)")]
         blob = store.read(key)
     except FileNotFoundError:
         return [Problem(a.path, key, "missing")]
     except OSError as e:
         return [Problem(a.path, key, f"unreadable: {e}")]
-    if len(blob) != rec.nbytes:
+    if rec is not None and len(blob) != rec.nbytes:
         return [
             Problem(
                 a.path, key, f"size {len(blob)} bytes, manifest says {rec.nbytes} (truncated or replaced)"
             )
         ]
     if a.kind == "scalar":
-        if crc32c(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
+        if len(blob) != a.dtype.itemsize + 4 or crc32c(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
             return [Problem(a.path, key, "chunk c: crc32c mismatch")]
         return []
-    cell = cell_box(rec.coords, part.grid, part.shape)
-    geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
-    data_nbytes = rec.nbytes - geom.index_nbytes
+    data_nbytes = len(blob) - geom.index_nbytes
     if data_nbytes < 0:
         return [Problem(a.path, key, "smaller than its index")]
     mv = memoryview(blob)
     index_raw = mv[data_nbytes:]
-    if crc32c(bytes(index_raw[:-4])) != rec.index_crc32c:
+    if rec is not None and crc32c(bytes(index_raw[:-4])) != rec.index_crc32c:
         return [Problem(a.path, key, "shard index: crc32c does not match the manifest")]
     problems: list[Problem] = []
     try:

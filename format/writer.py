@@ -8,6 +8,7 @@ no coordination: each shard object has exactly one writer, because the storage p
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,9 +23,10 @@ from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.dtypes import LogicalDType, of_tensor, tensor_to_numpy
 from ckptd.format.errors import CheckpointError, LayoutError, StorageError
 from ckptd.format.layout import Mesh, TensorLayout
-from ckptd.format.manifest import ArrayKind, PartRecord, ShardRecord
+from ckptd.format.manifest import ArrayKind, ArrayRecord, PartRecord, ShardRecord
 from ckptd.format.names import check_array_path
-from ckptd.format.plan import DEFAULT_CHUNK_BYTES, ArrayPlan, PartPlan, plan_array
+from ckptd.format.plan import DEFAULT_CHUNK_BYTES, ArrayPlan, PartPlan, cached_plan
+from ckptd.format.tally import Tally, shard_fingerprint
 from ckptd.format.shard import ShardGeometry, encode_shard
 from ckptd.format.store import Store
 
@@ -48,6 +50,17 @@ class ArrayReport:
     codec: CodecSpec
     layout: TensorLayout | None
     parts: dict[int, PartRecord] = field(default_factory=dict)
+    plan: ArrayPlan | None = None
+    """The whole array's storage plan (every writer computes the same one)."""
+    lead: bool = False
+    """This writer owns the array's first box: it describes the array to the committer (format v2
+    gathers one description per array, not one per writer)."""
+
+    def record(self, path: str) -> ArrayRecord:
+        """The array as planned, shards derived from the grid (format v2)."""
+        assert self.plan is not None
+        parts = tuple(PartRecord(p.offset, p.shape, p.grid, p.chunks, (), listed=False) for p in self.plan.parts)
+        return ArrayRecord(path, self.dtype, self.shape, self.kind, self.codec, self.layout, parts)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,10 +77,16 @@ class ArrayReport:
 class WriterReport:
     rank: int
     arrays: dict[str, ArrayReport] = field(default_factory=dict)
+    tally: Tally = field(default_factory=Tally)
+    """Count, fingerprint and bytes of the shards written (see ``tally.py``)."""
 
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for a in self.arrays.values() for p in a.parts.values() for s in p.shards)
+
+    def lead_records(self) -> dict[str, ArrayRecord]:
+        """The arrays this writer describes to the committer (it owns their first box)."""
+        return {p: a.record(p) for p, a in self.arrays.items() if a.lead and a.plan is not None}
 
 
 class CheckpointWriter:
@@ -124,16 +143,17 @@ class CheckpointWriter:
             )
         if not box.fits_in(gshape):
             raise LayoutError(f"{path}: box {box.to_json()} lies outside the global shape {gshape}")
-        if boxes is None:
-            boxes = layout.all_boxes(gshape, mesh) if layout is not None and mesh is not None else [box]
-        plan = plan_array(gshape, dtype.itemsize, boxes, self.chunk_bytes)
+        plan = cached_plan(gshape, dtype.itemsize, box, self.chunk_bytes, boxes=boxes, layout=layout, mesh=mesh)
         codec = CodecSpec() if plan.kind == "scalar" else self.codec
+        lead = not any(box.offset) and (not box.is_empty() or math.prod(gshape) == 0)
         with self._lock:
             rep = self._report.arrays.get(path)
             if rep is None:
-                rep = self._report.arrays[path] = ArrayReport(dtype, gshape, plan.kind, codec, layout)
+                rep = self._report.arrays[path] = ArrayReport(dtype, gshape, plan.kind, codec, layout,
+                                                              plan=plan, lead=lead)
             elif rep.dtype != dtype or rep.shape != gshape:
                 raise LayoutError(f"{path}: written twice with different dtype or shape")
+            rep.lead = rep.lead or lead
             if box.is_empty() and plan.kind == "pieces":
                 return  # an empty box (a short trailing ZeRO shard) stores nothing
             part = plan.part_for(box)
@@ -187,7 +207,10 @@ class CheckpointWriter:
         except OSError as e:
             raise StorageError(f"writing {key} to {self.store.url} failed: {e}") from e
         record = ShardRecord(coords, self.rank, nbytes, index_crc)
+        cell_nbytes = (math.prod(cell_box(coords, part.grid, part.shape).shape) if part.shape else 1) * (
+            data.dtype.itemsize)
         with self._lock:
+            self._report.tally += Tally(1, shard_fingerprint(path, part.index, coords), cell_nbytes, nbytes)
             rep = self._report.arrays[path]
             old = rep.parts[part.index]
             rep.parts[part.index] = PartRecord(
@@ -237,7 +260,7 @@ def report_from_json(doc: Any) -> WriterReport:
     """Parse a report produced by ``report_to_json``; validated like a manifest."""
     from ckptd.format.dtypes import logical_dtype
     from ckptd.format.errors import MetadataError
-    from ckptd.format.manifest import _array  # the same strict validation as manifests
+    from ckptd.format.manifest import parse_array  # the same strict validation as manifests
 
     if (
         not isinstance(doc, dict)
@@ -250,11 +273,12 @@ def report_from_json(doc: Any) -> WriterReport:
         if not isinstance(a, dict) or not isinstance(a.get("parts"), dict):
             raise MetadataError(f"malformed writer report for {path!r}")
         parts_doc = a["parts"]
-        rec = _array(
+        rec = parse_array(
             check_array_path(path),
             {**a, "parts": list(parts_doc.values())}
             if a.get("kind") == "pieces"
             else {**a, "parts": list(parts_doc.values()) or [_empty_part(a)]},
+            listed=True,
         )
         ar = ArrayReport(logical_dtype(a["dtype"]), rec.shape, rec.kind, rec.codec, rec.layout)
         for key, part in zip(parts_doc.keys(), rec.parts, strict=False):

@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from ckptd.format.errors import StorageError
+from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
 
 
@@ -71,6 +71,23 @@ class FsspecStore:
         # A single PUT is atomic on S3 and every object store; memory:// is atomic per call.
         self.write(key, [data])
 
+    def write_exclusive(self, key: str, data: bytes) -> None:
+        """S3: ``If-None-Match: *`` (s3fs ``mode="create"``), atomic on the server. Other fsspec
+        backends get fsspec's generic check-then-write, which is not atomic: there, two writers of
+        one step can both believe they won, but each manifest names its own attempt directory, so
+        the data of two attempts still never mixes (see SPEC.md, "Commit protocol")."""
+        path = self._path(key)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise CheckpointExistsError(f"{self.url}/{key} already exists: another writer committed first") from None
+        except Exception as e:
+            if _precondition_failed(e):
+                raise CheckpointExistsError(
+                    f"{self.url}/{key} already exists: another writer committed first"
+                ) from None
+            raise self._wrap(f"writing {key}", e) from e
+
     def flush(self) -> None:
         """Every completed PUT is durable on object stores."""
 
@@ -95,6 +112,17 @@ class FsspecStore:
         except FileNotFoundError:
             raise
         except Exception as e:
+            raise self._wrap(f"reading {key}", e) from e
+
+    def read_tail(self, key: str, n: int) -> bytes:
+        path = self._path(key)
+        try:
+            return bytes(self.fs.cat_file(path, start=-n))
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if "InvalidRange" in str(e) or "416" in str(e):  # shorter than n: the whole object
+                return self.read(key)
             raise self._wrap(f"reading {key}", e) from e
 
     def size(self, key: str) -> int:
@@ -158,6 +186,11 @@ class FsspecStore:
             pass
         except Exception as e:
             raise self._wrap(f"deleting {prefix}", e) from e
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return "PreconditionFailed" in text or "412" in text or "At least one of the pre-conditions" in text
 
 
 def _mtime_of(info: dict[str, Any]) -> float | None:

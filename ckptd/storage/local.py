@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ckptd.format.errors import StorageError
+from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
 
 _IOV_MAX = 512
@@ -43,7 +43,19 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         if key.startswith("/") or "\\" in key or any(p in ("..", ".") for p in key.split("/") if p):
             raise StorageError(f"refusing key {key!r}: it would leave the store root {self.root}")
-        return self.root / key if key else self.root
+        path = self.root / key if key else self.root
+        self._refuse_links(path)
+        return path
+
+    def _refuse_links(self, path: Path) -> None:
+        """No operation follows a symbolic link below the root: a symlinked step directory must
+        never let ``rm``/``gc`` delete (or a save overwrite) another run root's files."""
+        p = path
+        while p != self.root and len(p.parts) > len(self.root.parts):
+            if p.is_symlink():
+                raise StorageError(f"refusing {path}: {p} is a symbolic link (ckptd never follows links "
+                                   f"inside a run root)")
+            p = p.parent
 
     def child(self, prefix: str) -> LocalStore:
         c = LocalStore(self._path(prefix), fsync=self.fsync)
@@ -104,6 +116,13 @@ class LocalStore:
                 list(pool.map(_fsync_dir, dirs))
 
     def write_atomic(self, key: str, data: bytes) -> None:
+        self._publish(key, data, exclusive=False)
+
+    def write_exclusive(self, key: str, data: bytes) -> None:
+        self._publish(key, data, exclusive=True)
+
+    def _publish(self, key: str, data: bytes, *, exclusive: bool) -> None:
+        """Temporary file, fsync, then rename (or link(): it fails when the name exists, atomically)."""
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -114,9 +133,19 @@ class LocalStore:
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise CheckpointExistsError(f"{path} already exists: another writer committed first") from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
             if self.fsync:
                 _fsync_dir(path.parent)
+        except CheckpointExistsError:
+            raise
         except OSError as e:
             try:
                 tmp.unlink(missing_ok=True)
@@ -135,6 +164,15 @@ class LocalStore:
             # how callers detect truncation (never allocate what the file cannot hold).
             size = os.fstat(fd).st_size
             return [os.pread(fd, max(0, min(stop, size) - start), start) for start, stop in ranges]
+        finally:
+            os.close(fd)
+
+    def read_tail(self, key: str, n: int) -> bytes:
+        fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - n)
+            return os.pread(fd, size - start, start)
         finally:
             os.close(fd)
 
