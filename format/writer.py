@@ -79,6 +79,8 @@ class WriterReport:
     arrays: dict[str, ArrayReport] = field(default_factory=dict)
     tally: Tally = field(default_factory=Tally)
     """Count, fingerprint and bytes of the shards written (see ``tally.py``)."""
+    rank_state: bool = False
+    """This writer also wrote its own rank-state object (format v2)."""
 
     @property
     def nbytes(self) -> int:

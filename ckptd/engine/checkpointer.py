@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckptd.engine import rng
+from ckptd.engine.agreement import Sample, StepAgreement
 from ckptd.engine.catalog import CatalogLink
 from ckptd.engine.config import CatalogConfig, CheckpointerConfig, Retention, ShardSpec, TierConfig
 from ckptd.engine.coordination import Coordinator, DistributedCoordinator, LocalCoordinator
@@ -132,6 +133,13 @@ class Checkpointer:
         self.stager.guard(self.optimizers)
         self._held: dict[int, Snapshot] = {}
         self._seq = 0
+        self.agreement = StepAgreement(self.coordinator)
+        # Boundaries (``agreement.boundary``) of the latest actions, so that a sample agreed before
+        # an action never repeats it (see ``_decide``); identical on every rank.
+        self._submitted_at = [0] * len(self.stores)
+        self._snapshot_at = {t.name: 0 for t in self._tier_configs}
+        self._preempted_at = 0
+        self._pointer: RollbackPointer | None = None
         self.signals = PreemptionHandler()
         self._signals_installed = cfg.handle_signals and self.signals.install()
         self.catalog: CatalogLink | None = None
@@ -202,14 +210,20 @@ class Checkpointer:
         busy = [int(not f.idle) for f in self.flushers]
         preempt, terminate = int(self.signals.requested is not None), int(self.signals.terminate)
         pointer = self.catalog.take_rollback() if self.catalog is not None else None
-        # the rollback target travels with the other step-boundary flags: one small all-reduce on
-        # the engine's gloo group (never the training group), and only rank 0 knows the pointer
-        target = pointer.checkpoint.step + 1 if pointer is not None else 0
-        agreed = self._agree([preempt, terminate, target, *timed, *busy])
-        preempt, terminate, target = agreed[0], agreed[1], agreed[2] - 1
-        due.update(t.name for t, flag in zip(self._tier_configs, agreed[3:], strict=False) if flag)
-        idle = [not b for b in agreed[3 + len(self._tier_configs):]]
+        if pointer is not None:
+            self._pointer = pointer  # rank 0 alone knows it; the target step travels in the flags
+        target = self._pointer.checkpoint.step + 1 if self._pointer is not None else 0
+        # Non-blocking: the flags agreed here come from an earlier boundary (see agreement.py).
+        sample = self.agreement.exchange([preempt, terminate, target, *timed, *busy])
+        idle = [False] * len(self.flushers)
+        if sample is not None:
+            preempt, terminate, target, timed_due, idle = self._decide(sample)
+            due.update(timed_due)
+        else:
+            preempt = terminate = 0
+            target = -1
         if preempt:
+            self._preempted_at = self.agreement.boundary
             self._snapshot(step, metrics, {t.name for t in self._tier_configs}, idle)
             self.wait()
             self.signals.clear()
@@ -217,6 +231,7 @@ class Checkpointer:
                 raise SystemExit(SIGTERM_EXIT_CODE)
             return True
         if target >= 0:
+            pointer, self._pointer = self._pointer, None
             self._roll_back_in_place(target, pointer)
             return False
         if due:
@@ -225,12 +240,23 @@ class Checkpointer:
         self._pump(idle)
         return False
 
+    def _decide(self, sample: Sample) -> tuple[int, int, int, set[str], list[bool]]:
+        """(preempt, terminate, rollback target or -1, tiers due by time, free flushers) from an
+        agreed sample. Flags raised before an action the job already took since the sample was
+        taken are spent: they must not trigger it twice."""
+        flags, taken = sample.flags, sample.boundary
+        n = len(self._tier_configs)
+        preempt = flags[0] if self._preempted_at < taken else 0
+        timed = {t.name for t, f in zip(self._tier_configs, flags[3 : 3 + n], strict=True)
+                 if f and self._snapshot_at[t.name] < taken}
+        idle = [not b and self._submitted_at[i] < taken for i, b in enumerate(flags[3 + n :])]
+        return preempt, flags[1] if preempt else 0, flags[2] - 1, timed, idle
+
     def save(self, step: int, *, metrics: Mapping[str, float] | None = None) -> None:
         """Forced snapshot to every tier (on every rank at the same step); returns once staged."""
         self._check_open()
         self._raise_errors()
-        idle = [not b for b in self._agree([int(not f.idle) for f in self.flushers])]
-        self._snapshot(step, metrics, {t.name for t in self._tier_configs}, idle)
+        self._snapshot(step, metrics, {t.name for t in self._tier_configs}, self._idle_now())
 
     def wait(self) -> None:
         """Return when every tier holds the newest snapshot durably; raise background errors."""
@@ -240,15 +266,15 @@ class Checkpointer:
                 f.wait_idle()
             if not self._held:
                 break
-            self._pump([not b for b in self._agree([int(not f.idle) for f in self.flushers])])
+            self._pump(self._idle_now())
         self.stager.wait_all()
         self._raise_errors()
 
-    def _agree(self, flags: list[int]) -> list[int]:
-        """Element-wise maximum over the ranks (one small gloo all-reduce; free at world size 1)."""
-        if self.coordinator.world_size == 1 or not flags:
-            return flags
-        return self.coordinator.agree_max_all(flags)
+    def _idle_now(self) -> list[bool]:
+        """Which flushers are free on every rank, agreed synchronously (explicit calls only)."""
+        if not self.flushers:
+            return []
+        return [not b for b in self.agreement.now([int(not f.idle) for f in self.flushers]).flags]
 
     def _snapshot(self, step: int, metrics: Mapping[str, float] | None, tiers: set[str],
                   idle: list[bool]) -> None:
@@ -270,6 +296,8 @@ class Checkpointer:
                                  evict=self._evict)
         try:
             now = time.monotonic()
+            for name in tiers:
+                self._snapshot_at[name] = self.agreement.boundary
             if self.memory is not None and self.memory.name in tiers:
                 self.memory.add(snap)
                 self.policies[self.memory.name].saved(step, now)
@@ -295,6 +323,7 @@ class Checkpointer:
         for i in sorted(self._held):
             if i < len(idle) and idle[i]:
                 snap = self._held.pop(i)
+                self._submitted_at[i] = self.agreement.boundary
                 self.flushers[i].submit(snap, self._seq)
                 self._seq += 1
                 snap.release()
@@ -385,15 +414,17 @@ class Checkpointer:
             from_pointer = bool(flags[2])
         else:
             from_pointer = pointer is not None
-        below: int | None = None
+        # Rank 0 lists the tiers once and proposes; every rank loads the proposal (its memory tier,
+        # else one manifest read per tier) and the job agrees on the outcome. Other ranks never
+        # list storage: per-rank restore metadata stays independent of the world size.
+        candidates = self._candidates() if self.rank == 0 else []
+        if wanted is not None:
+            candidates = [s for s in candidates if s == wanted]
         while True:
-            candidates = self._candidates()
-            if wanted is not None:
-                candidates = [s for s in candidates if s == wanted]
-            if below is not None:
-                candidates = [s for s in candidates if s < below]
-            choice = self.coordinator.agree_min(max(candidates, default=-1))
-            if choice < 0:
+            proposal = max(candidates, default=-1)
+            if self.coordinator.world_size > 1:
+                proposal = self.coordinator.agree_max_all([proposal if self.rank == 0 else -1])[0]
+            if proposal < 0:
                 if wanted is not None:
                     raise CheckpointError(f"step {wanted} is not committed in any tier"
                                           + (f" ({'; '.join(self.restore_problems)})"
@@ -402,11 +433,16 @@ class Checkpointer:
                     raise CheckpointError("no committed checkpoint could be loaded: "
                                           + "; ".join(self.restore_problems))
                 return 0
-            ok = self._load(choice)
-            if self.coordinator.agree_min(int(ok)):
-                self._resumed(choice, pointer, discard_newer=from_pointer)
-                return choice
-            below = choice
+            ok = self._load(proposal)
+            if self._agree_min(int(ok)):
+                self._resumed(proposal, pointer, discard_newer=from_pointer)
+                return proposal
+            candidates = [s for s in candidates if s < proposal]
+
+    def _agree_min(self, value: int) -> int:
+        if self.coordinator.world_size == 1:
+            return value
+        return -self.coordinator.agree_max_all([-value])[0]
 
     def _resolve(self, selection: str | int | None) -> tuple[int | None, RollbackPointer | None]:
         """(step to restore or None for the newest, the rollback pointer it comes from)."""
@@ -465,6 +501,8 @@ class Checkpointer:
         now = time.monotonic()
         for p in self.policies.values():
             p.saved(step, now)
+        for store in self.stores:
+            store.committed.append(step)  # saving this step again (a forced save) is not a new commit
         self._parent = step
         if discard_newer:  # a rollback: what came after ``step`` is an abandoned trajectory
             if self.memory is not None:
@@ -501,14 +539,14 @@ class Checkpointer:
             self._held.pop(i).release()  # never persist a snapshot of the abandoned trajectory
         for f in self.flushers:
             f.wait_idle()  # a persist in flight (collective) ends before its step may be discarded
-        if not self.coordinator.agree_min(int(self._holds(target))):
+        if not self._agree_min(int(self._holds(target))):
             log.error("rollback to step %d requested through the catalog: no tier holds it on every "
                       "rank; training continues from the current state", target)
             if self.catalog is not None and pointer is not None:
                 self.catalog.rollback_skipped(pointer)
             return
         ok = self._load(target)
-        if not self.coordinator.agree_min(int(ok)):
+        if not self._agree_min(int(ok)):
             why = "; ".join(self.restore_problems[-3:])
             raise CheckpointError(f"rollback to step {target} failed ({why}); the live state may be partly "
                                   "restored")
@@ -553,9 +591,8 @@ class Checkpointer:
                 self.restore_problems.append(f"{s.name} step {step}: {e}")
                 log.warning("checkpoint step %d in %s cannot be restored: %s", step, s.name, e)
                 continue
-            meta = manifest.metadata.get(ENGINE_KEY, {})
-            ranks = meta.get("rank_state", {}) if isinstance(meta, dict) else {}
-            mine = ranks.get(str(self.rank)) if manifest.world_size == self.coordinator.world_size else None
+            mine = s.rank_state(manifest, self.rank) if manifest.world_size == self.coordinator.world_size \
+                else None
             if isinstance(mine, dict) and "rng" in mine:
                 rng.restore(mine["rng"])
             return True
@@ -571,6 +608,10 @@ class Checkpointer:
         self.stager.close()
         for f in self.flushers:
             f.close()
+        try:
+            self.agreement.drain()
+        except Exception as e:  # a peer that died must not turn close() into a hang or a crash
+            log.warning("step agreement could not be drained at close: %s", e)
         for snap in self._held.values():
             snap.release()
         self._held.clear()

@@ -4,52 +4,91 @@ Two channels, neither of them the training process group (a collective issued fr
 background thread on the training group interleaves with the training's own collectives
 and deadlocks, or corrupts NCCL's stream order):
 
-* ``agree_max`` / ``agree_min`` run on the main thread at step boundaries over a
-  dedicated **gloo** group (time-based policies and signals arrive at different steps
-  on different ranks; the whole job must save at the same step);
-* the commit protocol runs on the flush threads over the **TCPStore** (key/value, order
-  independent, so several tiers can commit concurrently). Waits poll ``check`` instead of
-  blocking in ``wait``: a blocking wait holds the store client's lock and would stall
-  another tier's thread of the same process.
+* step-boundary agreement runs on the main thread over a dedicated **gloo** group. It never
+  blocks a step: ``start_max_all`` issues an asynchronous all-reduce whose result the
+  checkpointer reads one step boundary later (``agreement.py``); only explicit calls
+  (``wait()``, ``save()``, ``restore()``) agree synchronously;
+* the commit protocol runs on the flush threads over the **TCPStore**, with O(1) requests per
+  rank and no hot key: each rank adds its tally (shard count, fingerprint, bytes) to a few
+  counters and bumps ``reported``; the rank whose bump completes the count wakes the committer.
+  Only writers that own an array's first box send that array's description (``lead``), so
+  what reaches rank 0 is O(arrays), never O(ranks x arrays). Waits are blocking server-side
+  waits on a per-thread clone of the store client (no polling; a blocking wait on a shared
+  client would stall another tier's thread of the same process).
 
-Commit protocol for one checkpoint attempt ``key``: rank 0 prepares the directory and
-publishes ``prepared``; every rank writes its boxes, makes them durable and publishes its
-report (or its error); rank 0 merges, writes the manifest last and publishes ``done``.
-A rank's failure reaches every rank as a ``CheckpointError``; nothing is committed.
+Commit protocol for one attempt ``key`` (its directory name is derived from the job's
+session and ``key`` on every rank, so nothing has to be sent before writing): rank 0 opens
+the attempt (its lease); every rank writes its boxes and its own rank-state object, makes
+them durable and reports; rank 0 checks the tally against the storage plan, publishes the
+commit record exclusively and sets ``done``. A failed, dead or stuck rank ends the attempt
+within ``timeout_s`` on every live rank as a ``CheckpointError``; nothing is committed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
+import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
 
-from ckptd.format.errors import CheckpointError
-from ckptd.format.writer import WriterReport, report_from_json, report_to_json
+from ckptd.format.errors import CheckpointError, LayoutError
+from ckptd.format.manifest import ArrayRecord
+from ckptd.format.tally import Tally
+from ckptd.format.writer import WriterReport
 
-Prepare = Callable[[], None]
+Open = Callable[[], None]
 Write = Callable[[], WriterReport]
-Finalize = Callable[[list[WriterReport], dict[int, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """What the committer learns from every rank of one attempt."""
+
+    arrays: dict[str, ArrayRecord]
+    tally: Tally
+    writers: int
+    """Ranks that wrote at least one shard."""
+    rank_states: int
+    """Ranks that wrote their own rank-state object."""
+
+
+Finalize = Callable[[Gathered], None]
+
+
+class CoordinationTimeout(CheckpointError, TimeoutError):
+    """Other ranks did not arrive in time (dead, stuck, or much slower): nothing was committed."""
 
 
 class Coordinator(Protocol):
     rank: int
     world_size: int
 
-    def agree_max(self, value: int) -> int: ...
-
-    def agree_min(self, value: int) -> int: ...
-
     def agree_max_all(self, values: list[int]) -> list[int]: ...
 
-    def commit(self, key: str, *, prepare: Prepare, write: Write, finalize: Finalize, extra: Any) -> None: ...
+    def start_max_all(self, values: list[int]) -> Callable[[], list[int]]: ...
+
+    def attempt_name(self, key: str) -> str: ...
+
+    def commit(self, key: str, *, open_attempt: Open, write: Write, finalize: Finalize) -> None: ...
 
     def close(self) -> None: ...
+
+
+def merge_leads(docs: list[dict[str, ArrayRecord]]) -> dict[str, ArrayRecord]:
+    merged: dict[str, ArrayRecord] = {}
+    for doc in docs:
+        for path, rec in doc.items():
+            have = merged.setdefault(path, rec)
+            if have is not rec and have.to_json() != rec.to_json():
+                raise LayoutError(f"{path}: ranks planned the array differently ({have.to_json()} vs "
+                                  f"{rec.to_json()})")
+    return merged
 
 
 class LocalCoordinator:
@@ -58,22 +97,34 @@ class LocalCoordinator:
     rank = 0
     world_size = 1
 
-    def agree_max(self, value: int) -> int:
-        return value
-
-    def agree_min(self, value: int) -> int:
-        return value
+    def __init__(self) -> None:
+        self.session = uuid.uuid4().hex
 
     def agree_max_all(self, values: list[int]) -> list[int]:
         return list(values)
 
-    def commit(self, key: str, *, prepare: Prepare, write: Write, finalize: Finalize, extra: Any) -> None:
-        prepare()
+    def start_max_all(self, values: list[int]) -> Callable[[], list[int]]:
+        result = list(values)
+        return lambda: result
+
+    def attempt_name(self, key: str) -> str:
+        return attempt_name(self.session, key)
+
+    def commit(self, key: str, *, open_attempt: Open, write: Write, finalize: Finalize) -> None:
+        open_attempt()
         report = write()
-        finalize([report], {0: extra})
+        finalize(Gathered(report.lead_records(), report.tally, int(report.tally.shards > 0),
+                          int(report.rank_state)))
 
     def close(self) -> None:
         pass
+
+
+def attempt_name(session: str, key: str) -> str:
+    return "a-" + hashlib.sha256(f"{session}/{key}".encode()).hexdigest()[:16]
+
+
+_COUNTERS = ("shards", "fp_lo", "fp_hi", "nbytes", "stored_bytes", "writers", "rank_states")
 
 
 class DistributedCoordinator:
@@ -94,112 +145,138 @@ class DistributedCoordinator:
         if self.rank == 0:
             session[:] = torch.frombuffer(bytearray(uuid.uuid4().bytes), dtype=torch.uint8)
         dist.broadcast(session, src=0, group=self.group)
+        self.session = bytes(session.tolist()).hex()
         base = store if store is not None else dist.distributed_c10d._get_default_store()
         prefix_store = getattr(dist, "PrefixStore")  # noqa: B009 - not in torch.distributed's __all__
-        self.store = prefix_store(f"ckptd/{bytes(session.tolist()).hex()}/", base)
+        self.store = prefix_store(f"ckptd/{self.session}/", base)
+        self._local = threading.local()
 
     # ---------------------------------------------------------------- main-thread agreement
-    def _reduce(self, values: list[int], op: Any) -> list[int]:
+    def agree_max_all(self, values: list[int]) -> list[int]:
+        return self.start_max_all(values)()
+
+    def start_max_all(self, values: list[int]) -> Callable[[], list[int]]:
+        """Issue an all-reduce (max) on the engine's gloo group; the returned call waits for it."""
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, op=op, group=self.group)
-        return [int(v) for v in t.tolist()]
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
-    def agree_max_all(self, values: list[int]) -> list[int]:
-        import torch.distributed as dist
+        def result() -> list[int]:
+            if work is not None:
+                work.wait()
+            return [int(v) for v in t.tolist()]
 
-        return self._reduce(values, dist.ReduceOp.MAX)
+        return result
 
-    def agree_max(self, value: int) -> int:
-        import torch.distributed as dist
-
-        return self._reduce([value], dist.ReduceOp.MAX)[0]
-
-    def agree_min(self, value: int) -> int:
-        import torch.distributed as dist
-
-        return self._reduce([value], dist.ReduceOp.MIN)[0]
+    def attempt_name(self, key: str) -> str:
+        return attempt_name(self.session, key)
 
     # ---------------------------------------------------------------- commit protocol
-    def _wait(self, keys: list[str], what: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        delay = 0.001
-        while not self.store.check(keys):
-            if time.monotonic() > deadline:
-                raise CheckpointError(f"timed out after {self.timeout_s:.0f}s waiting for {what}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+    def _client(self) -> Any:
+        """This thread's own connection to the store: blocking waits hold a client's lock."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self.store.clone() if hasattr(self.store, "clone") else self.store
+            self._local.client = client
+        return client
 
-    def _get(self, key: str) -> dict[str, Any]:
-        doc = json.loads(self.store.get(key).decode())
-        if not isinstance(doc, dict):
-            raise CheckpointError(f"malformed coordination message at {key}")
-        return doc
-
-    def _set(self, key: str, doc: dict[str, Any]) -> None:
-        self.store.set(key, json.dumps(doc))
-
-    def commit(self, key: str, *, prepare: Prepare, write: Write, finalize: Finalize, extra: Any) -> None:
+    def _wait(self, key: str, what: str) -> None:
         try:
-            self._commit(key, prepare=prepare, write=write, finalize=finalize, extra=extra)
-        finally:
-            # the last rank out removes the shared keys, so a long run does not grow the store
-            if self.store.add(f"{key}/out", 1) == self.world_size:
-                for k in ("prepared", "done", "out"):
-                    self.store.delete_key(f"{key}/{k}")
+            self._client().wait([key], timedelta(seconds=self.timeout_s))
+        except Exception as e:  # DistStoreError on timeout; RuntimeError when the store went away
+            raise CoordinationTimeout(f"timed out after {self.timeout_s:.0f}s waiting for {what} "
+                                      f"({type(e).__name__}); nothing was committed") from e
 
-    def _commit(self, key: str, *, prepare: Prepare, write: Write, finalize: Finalize, extra: Any) -> None:
-        if self.rank == 0:
+    def commit(self, key: str, *, open_attempt: Open, write: Write, finalize: Finalize) -> None:
+        store = self._client()
+        try:
+            error: BaseException | None = None
             try:
-                prepare()
+                if self.rank == 0:
+                    open_attempt()
+                report = write()
+                self._report(store, key, report)
             except BaseException as e:
-                self._set(f"{key}/prepared", {"error": f"rank 0: {e}"})
-                raise
-            self._set(f"{key}/prepared", {"ok": True})
-        else:
-            self._wait([f"{key}/prepared"], f"rank 0 to prepare {key}")
-            doc = self._get(f"{key}/prepared")
-            if "error" in doc:
-                raise CheckpointError(f"checkpoint {key} failed on {doc['error']}")
-        error: BaseException | None = None
-        try:
-            msg: dict[str, Any] = {"report": report_to_json(write()), "extra": extra}
-        except BaseException as e:
-            error = e
-            msg = {"error": f"rank {self.rank}: {type(e).__name__}: {e}"}
-        self._set(f"{key}/report/{self.rank}", msg)
-        if self.rank == 0:
-            self._finish_as_committer(key, finalize, error)
-        else:
-            self._wait([f"{key}/done"], f"rank 0 to commit {key}")
-            if error is not None:
-                raise error
-            doc = self._get(f"{key}/done")
-            if "error" in doc:
-                raise CheckpointError(f"checkpoint {key} was not committed: {doc['error']}")
+                error = e
+                store.set(f"{key}/error", f"rank {self.rank}: {type(e).__name__}: {e}")
+                store.add(f"{key}/failed", 1)
+            if store.add(f"{key}/reported", 1) == self.world_size:
+                store.set(f"{key}/all", "1")  # the last reporter wakes the committer
+            if self.rank == 0:
+                self._finish_as_committer(store, key, finalize, error)
+            else:
+                self._wait(f"{key}/done", f"rank 0 to commit {key}")
+                if error is not None:
+                    raise error
+                doc = json.loads(store.get(f"{key}/done").decode())
+                if not isinstance(doc, dict) or "error" in doc:
+                    raise CheckpointError(f"checkpoint {key} was not committed: "
+                                          f"{doc.get('error') if isinstance(doc, dict) else doc}")
+        finally:
+            self._leave(store, key)
 
-    def _finish_as_committer(self, key: str, finalize: Finalize, own_error: BaseException | None) -> None:
-        keys = [f"{key}/report/{r}" for r in range(self.world_size)]
+    def _report(self, store: Any, key: str, report: WriterReport) -> None:
+        leads = report.lead_records()
+        if leads:
+            doc = json.dumps({p: a.to_json() for p, a in leads.items()}, separators=(",", ":"))
+            index = store.add(f"{key}/nleads", 1) - 1
+            store.set(f"{key}/lead/{index}", doc)
+        counters = report.tally.counters()
+        counters["writers"] = int(report.tally.shards > 0)
+        counters["rank_states"] = int(report.rank_state)
+        for name in _COUNTERS:
+            if counters[name]:
+                store.add(f"{key}/n/{name}", counters[name])
+
+    def _finish_as_committer(self, store: Any, key: str, finalize: Finalize,
+                             own_error: BaseException | None) -> None:
         try:
-            self._wait(keys, f"every rank's shards of {key}")
-            docs = [self._get(k) for k in keys]
-            for k in keys:
-                self.store.delete_key(k)
-            errors = [d["error"] for d in docs if "error" in d]
-            if errors:
-                raise CheckpointError("; ".join(str(e) for e in errors))
-            reports = [report_from_json(d["report"]) for d in docs]
-            finalize(reports, {r: d.get("extra") for r, d in enumerate(docs)})
+            self._wait(f"{key}/all", f"every rank's shards of {key}")
+            if store.add(f"{key}/failed", 0):
+                raise CheckpointError(f"checkpoint {key} failed on {store.get(f'{key}/error').decode()}")
+            counts = {name: store.add(f"{key}/n/{name}", 0) for name in _COUNTERS}
+            leads = []
+            for i in range(store.add(f"{key}/nleads", 0)):
+                leads.append(_parse_leads(store.get(f"{key}/lead/{i}")))
+            finalize(Gathered(merge_leads(leads), Tally.from_counters(counts), counts["writers"],
+                              counts["rank_states"]))
         except BaseException as e:
-            self._set(f"{key}/done", {"error": str(e)})
+            store.set(f"{key}/done", json.dumps({"error": str(e)}))
             if own_error is not None:
                 raise own_error from e
             raise
-        self._set(f"{key}/done", {"ok": True})
+        store.set(f"{key}/done", json.dumps({"ok": True}))
+
+    def _leave(self, store: Any, key: str) -> None:
+        """The last rank out removes the attempt's keys, so a long run does not grow the store."""
+        try:
+            if store.add(f"{key}/out", 1) != self.world_size:
+                return
+            names = ["reported", "all", "failed", "error", "done", "out", "nleads"]
+            names += [f"n/{n}" for n in _COUNTERS]
+            names += [f"lead/{i}" for i in range(store.add(f"{key}/nleads", 0))]
+            for n in names:
+                store.delete_key(f"{key}/{n}")
+        except Exception:  # the store may be gone when the job is ending; keys are only clutter
+            pass
 
     def close(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group(self.group)
+
+
+def _parse_leads(raw: bytes) -> dict[str, ArrayRecord]:
+    from ckptd.format.errors import MetadataError
+    from ckptd.format.manifest import parse_array
+    from ckptd.format.names import check_array_path
+
+    try:
+        doc = json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MetadataError(f"malformed array description from a writer: {e}") from e
+    if not isinstance(doc, dict):
+        raise MetadataError("malformed array description from a writer")
+    return {check_array_path(p): parse_array(p, a, listed=False) for p, a in doc.items()}

@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from ckptd.engine.config import ShardSpec, TierConfig
-from ckptd.engine.coordination import Coordinator
+from ckptd.engine.coordination import Coordinator, Gathered
 from ckptd.engine.policy import to_delete
 from ckptd.engine.snapshot import Snapshot
 from ckptd.format.boxes import ShardBox
-from ckptd.format.errors import CheckpointError, LayoutError
-from ckptd.format.manifest import Manifest
+from ckptd.format.commit import check_tally, publish
+from ckptd.format.commit_record import LEASE_NAME, encode_rank_state, meta_key, rank_key
+from ckptd.format.errors import CheckpointError, CheckpointExistsError, LayoutError
+from ckptd.format.lease import Lease
+from ckptd.format.manifest import Manifest, Totals
 from ckptd.format.run import Run, step_dir
 from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
@@ -29,7 +32,7 @@ from ckptd.format.writer import CheckpointWriter, WriterReport
 from ckptd.storage import open_store
 
 ENGINE_KEY = "ckptd.engine"
-"""Manifest metadata written by the engine: metrics and the per-rank RNG states."""
+"""Manifest metadata written by the engine (format v1 also kept the per-rank RNG states there)."""
 
 Committed = Callable[[str, Manifest], None]
 Pending = Callable[[str, Snapshot], None]
@@ -115,36 +118,51 @@ class StoreTier:
 
     # ---------------------------------------------------------------- save
     def persist(self, snap: Snapshot, key: str) -> None:
-        """Write ``snap`` as checkpoint ``snap.step`` (collective over the job's ranks)."""
+        """Write ``snap`` as checkpoint ``snap.step`` (collective over the job's ranks).
+
+        Every attempt writes into its own directory and commits exclusively: a step another
+        writer committed (a zombie of an earlier job) fails with ``CheckpointExistsError`` and
+        the two never mix. A step this job already committed (a forced save after a periodic
+        one) is skipped, identically on every rank.
+        """
         snap.wait_copied()
-        if self.run.is_committed(snap.step):
-            return  # the same step is already durable here (a forced save after a periodic one)
+        if snap.step in self.committed:
+            return
         rank, world = self.coordinator.rank, self.coordinator.world_size
+        attempt = self.coordinator.attempt_name(f"{self.name}/{key}")
         if rank == 0 and self.on_pending is not None:
             self.on_pending(self.name, snap)
+        lease: list[Lease] = []
         try:
             self.coordinator.commit(
                 key,
-                prepare=lambda: self._prepare(snap.step),
-                write=lambda: self._write(snap, rank, world),
-                finalize=lambda reports, extras: self._finalize(snap, reports, extras),
-                extra=snap.rank_state,
+                open_attempt=lambda: lease.append(self._open(snap.step, attempt)),
+                write=lambda: self._write(snap, attempt, rank, world),
+                finalize=lambda gathered: self._finalize(snap, attempt, gathered, lease[0]),
             )
         except BaseException as e:
             if rank == 0:
-                self._discard(snap.step)
+                self._discard(snap.step, attempt)
                 if self.on_failed is not None:
                     self.on_failed(self.name, snap.step, e)
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{self.name}: checkpoint of step {snap.step} failed: {e}") from e
+        finally:
+            for held in lease:
+                held.__exit__()
+        self.committed.append(snap.step)
+        del self.committed[:-64]
 
-    def _prepare(self, step: int) -> None:
-        self.run.prepare(step, overwrite=False)
+    def _open(self, step: int, attempt: str) -> Lease:
+        if self.run.is_committed(step):
+            raise CheckpointExistsError(f"{self.name}: step {step} is already committed in {self.run.url} "
+                                        "by another writer")
+        return Lease(self.run.checkpoint_store(step), meta_key(attempt, LEASE_NAME)).__enter__()
 
-    def _write(self, snap: Snapshot, rank: int, world: int) -> WriterReport:
+    def _write(self, snap: Snapshot, attempt: str, rank: int, world: int) -> WriterReport:
         cfg = self.config
-        writer = CheckpointWriter(self.run.checkpoint_store(snap.step), rank=rank, codec=cfg.codec,
+        writer = CheckpointWriter(self.run.attempt_store(snap.step, attempt), rank=rank, codec=cfg.codec,
                                   chunk_bytes=cfg.chunk_bytes, threads=cfg.threads)
         for path in snap.paths:
             spec = snap.specs.get(path)
@@ -154,32 +172,43 @@ class StoreTier:
                     writer.add(path, tensor)
             elif spec.write:
                 writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh)
-        return writer.finish()
+        report = writer.finish()
+        if snap.rank_state:  # what only this rank restores: its own object, read by it alone
+            step_store = self.run.checkpoint_store(snap.step)
+            step_store.write(rank_key(attempt, rank), [encode_rank_state(attempt, rank, snap.rank_state)])
+            step_store.flush()
+            report.rank_state = True
+        return report
 
-    def _finalize(self, snap: Snapshot, reports: list[WriterReport], extras: dict[int, Any]) -> None:
+    def _finalize(self, snap: Snapshot, attempt: str, gathered: Gathered, lease: Lease) -> None:
         mesh: dict[str, int] = {}
         for spec in snap.specs.values():
             if spec.mesh:
                 mesh.update({str(k): int(v) for k, v in spec.mesh.items()})
+        check_tally(gathered.arrays, gathered.tally)
         # Metrics live at metadata["metrics"], where ckptd.save, `ckptd inspect` and the catalog's
         # sync look for them; the engine's own bookkeeping goes under its key.
-        metadata = {"metrics": snap.metrics,
-                    ENGINE_KEY: {"tier": self.config.kind,
-                                 "rank_state": {str(r): e for r, e in extras.items() if e is not None}}}
-        manifest = self.run.commit(snap.step, reports, state=snap.skeleton,
-                                   world_size=self.coordinator.world_size, mesh=mesh, metadata=metadata)
+        metadata = {"metrics": snap.metrics, ENGINE_KEY: {"tier": self.config.kind}}
+        t = gathered.tally
+        totals = Totals(arrays=len(gathered.arrays), shards=t.shards, nbytes=t.nbytes,
+                        stored_bytes=t.stored_bytes, writers=gathered.writers)
+        manifest = publish(self.run.checkpoint_store(snap.step), step=snap.step, attempt=attempt,
+                           arrays=gathered.arrays, state=snap.skeleton, world_size=self.coordinator.world_size,
+                           mesh=mesh, metadata=metadata, totals=totals, rank_state=gathered.rank_states > 0,
+                           lease=lease)
+        lease.release()
         self._metrics[snap.step] = dict(snap.metrics)
-        self.committed.append(snap.step)
-        del self.committed[:-64]
         self.apply_retention()
         if self.on_commit is not None:
             self.on_commit(self.name, manifest)
 
-    def _discard(self, step: int) -> None:
-        """Best effort: free the space a failed attempt took (a full disk needs it back)."""
+    def _discard(self, step: int, attempt: str) -> None:
+        """Best effort: free the space a failed attempt took (a full disk needs it back). Only this
+        attempt's directories: another attempt of the step may be a live writer's."""
         try:
-            if not self.run.is_committed(step):
-                self.run.store.delete_prefix(step_dir(step))
+            step_store = self.run.checkpoint_store(step)
+            step_store.delete_prefix(attempt)
+            step_store.delete_prefix(attempt + ".meta")
         except Exception:  # the original failure is what the user must see
             pass
 
@@ -223,6 +252,15 @@ class StoreTier:
     # ---------------------------------------------------------------- restore
     def steps(self) -> list[int]:
         return self.run.steps()
+
+    def rank_state(self, manifest: Manifest, rank: int) -> dict[str, Any] | None:
+        """This rank's own saved state (RNG): its object in format v2, the metadata in v1."""
+        if manifest.format_version >= 2:
+            return self.run.rank_state(manifest.step, rank, manifest)
+        meta = manifest.metadata.get(ENGINE_KEY, {})
+        ranks = meta.get("rank_state", {}) if isinstance(meta, dict) else {}
+        mine = ranks.get(str(rank)) if isinstance(ranks, dict) else None
+        return mine if isinstance(mine, dict) else None
 
     def load(self, step: int, state: Any, specs: Mapping[str, ShardSpec]) -> Manifest:
         """Read checkpoint ``step`` into ``state``: each tensor with a spec reads only its box."""
