@@ -88,7 +88,7 @@ def reshard(
             )
             reports.append(rep)
             pending.append(finish)
-            bytes_read += a.stored_bytes
+            bytes_read += a.stored_bytes if a.stored_bytes is not None else a.nbytes
         try:
             for finish in pending:
                 bytes_written += finish()

@@ -171,7 +171,9 @@ def _check_on_induced_grid(boxes: Sequence[ShardBox], edges: Sequence[Sequence[i
     at = [{e: i for i, e in enumerate(es)} for es in edges]
     count = np.zeros(tuple(len(e) - 1 for e in edges), dtype=np.int32)
     for b in boxes:
-        region = tuple(slice(at[d][o], at[d][o + s]) for d, (o, s) in enumerate(zip(b.offset, b.shape, strict=True)))
+        region = tuple(
+            slice(at[d][o], at[d][o + s]) for d, (o, s) in enumerate(zip(b.offset, b.shape, strict=True))
+        )
         view = count[region]
         if view.any():
             raise LayoutError(f"box {b.to_json()} overlaps another box")

@@ -188,7 +188,8 @@ def publish(
     manifest = Manifest(
         step=step, checkpoint_id=uuid.uuid4().hex, created_at=_now(), world_size=world_size,
         arrays={p: a.unlisted() for p, a in arrays.items()}, state=state, mesh=mesh,
-        metadata=dict(metadata or {}), format_version=2, attempt=attempt, totals=totals, rank_state=rank_state,
+        metadata=dict(metadata or {}), format_version=2, attempt=attempt, totals=totals,
+        rank_state=rank_state,
     )
     pages = encode_pages(attempt, manifest.arrays)
     state_raw = encode_state(attempt, state)
@@ -205,7 +206,8 @@ def publish(
 
 
 def _commit_v1(store: Store, *, step: int, arrays: dict[str, ArrayRecord], state: dict[str, Any],
-               world_size: int, mesh: Mapping[str, int] | None, metadata: Mapping[str, Any] | None) -> Manifest:
+               world_size: int, mesh: Mapping[str, int] | None,
+               metadata: Mapping[str, Any] | None) -> Manifest:
     missing = [p for p in tensor_paths(state) if p not in arrays]
     if missing:
         raise LayoutError(f"the state refers to arrays that no writer wrote: {missing[:5]}")

@@ -21,6 +21,7 @@ a document of another attempt can never be mixed in.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -133,7 +134,9 @@ def encode_record(manifest: Manifest, pages: Sequence[PageRef], state: BlobRef) 
     metadata = dict(manifest.metadata)
     meta_raw = dumps_sealed({"metadata": metadata}) if metadata else b""
     if len(meta_raw) > MAX_METADATA_BYTES:
-        raise MetadataError(f"checkpoint metadata is {len(meta_raw)} bytes as JSON (limit {MAX_METADATA_BYTES})")
+        raise MetadataError(
+            f"checkpoint metadata is {len(meta_raw)} bytes as JSON (limit {MAX_METADATA_BYTES})"
+        )
     doc = {
         "format": FORMAT_NAME,
         "format_version": 2,
@@ -174,7 +177,7 @@ def parse_record(doc: dict[str, Any], where: str) -> CommitRecord:
         totals = Totals(**{k: integer(t.get(k), f"totals.{k}", lo=0)
                            for k in ("arrays", "shards", "nbytes", "stored_bytes", "writers")})
         pages = tuple(_page_ref(p) for p in lst(doc.get("tables"), "tables"))
-        for a, b in zip(pages, pages[1:], strict=False):
+        for a, b in itertools.pairwise(pages):
             if not a.last < b.first:
                 raise MetadataError(f"table pages are not sorted and disjoint ({a.last!r} >= {b.first!r})")
         if sum(p.arrays for p in pages) != totals.arrays:

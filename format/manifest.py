@@ -11,9 +11,9 @@ and readers never trust a storage key they did not derive from validated names a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ckptd.format.boxes import ShardBox, check_tiling, grid_cells
 from ckptd.format.codecs import CodecSpec
@@ -21,7 +21,16 @@ from ckptd.format.dtypes import LogicalDType, logical_dtype
 from ckptd.format.errors import LayoutError, MetadataError, UnsupportedFormatError
 from ckptd.format.layout import TensorLayout
 from ckptd.format.names import check_array_path, check_segment
-from ckptd.format.strict_json import MAX_ELEMENTS, MAX_NDIM, dumps_sealed, integer, loads_sealed, lst, obj, string
+from ckptd.format.strict_json import (
+    MAX_ELEMENTS,
+    MAX_NDIM,
+    dumps_sealed,
+    integer,
+    loads_sealed,
+    lst,
+    obj,
+    string,
+)
 from ckptd.format.strict_json import shape as shape_of
 
 FORMAT_NAME = "ckptd"
@@ -32,6 +41,7 @@ MAX_MANIFEST_BYTES = 256 * 2**20
 __all__ = ["MAX_ELEMENTS", "MAX_NDIM"]
 
 ArrayKind = Literal["regular", "pieces", "scalar"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +256,7 @@ def loads(raw: bytes, where: str = MANIFEST_KEY) -> Manifest:
     return with_context(where, lambda: parse(doc))
 
 
-def with_context(where: str, fn: Any) -> Any:
+def with_context(where: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except MetadataError as e:
@@ -296,7 +306,9 @@ def check_listed_complete(a: ArrayRecord) -> None:
     if a.kind != "scalar" and 0 in a.shape:
         return
     if len(part.shards) != part.ncells:
-        raise MetadataError(f"array {a.path}: the manifest lists {len(part.shards)} of its {part.ncells} shards")
+        raise MetadataError(
+            f"array {a.path}: the manifest lists {len(part.shards)} of its {part.ncells} shards"
+        )
 
 
 def parse_array(path: str, doc: Any, *, listed: bool) -> ArrayRecord:
@@ -331,7 +343,8 @@ def parse_array(path: str, doc: Any, *, listed: bool) -> ArrayRecord:
             )
         if any(o + s > dim for o, s, dim in zip(p.offset, p.shape, shape, strict=True)):
             raise MetadataError(
-                f"array {path}: part {i} ({list(p.shape)} at {list(p.offset)}) lies outside shape {list(shape)}"
+                f"array {path}: part {i} ({list(p.shape)} at {list(p.offset)}) lies outside "
+                f"shape {list(shape)}"
             )
     if kind == "pieces":
         try:

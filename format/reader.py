@@ -98,7 +98,9 @@ class CheckpointReader:
             except OSError as e:
                 raise StorageError(f"reading {key} from {self.store.url} failed: {e}") from e
             if len(raw) != a.dtype.itemsize + 4:
-                raise IntegrityError(f"{a.path}: scalar value has {len(raw)} bytes, not {a.dtype.itemsize + 4}")
+                raise IntegrityError(
+                    f"{a.path}: scalar value has {len(raw)} bytes, not {a.dtype.itemsize + 4}"
+                )
             body, stored = raw[:-4], struct.unpack("<I", raw[-4:])[0]
             if len(body) != a.dtype.itemsize or crc32c(body) != stored:
                 raise IntegrityError(f"{a.path}: scalar value fails its crc32c check")

@@ -230,9 +230,9 @@ class Run:
                     step_store.delete(meta_key(a, LEASE_NAME))
                     step_store.delete_prefix(a)
                     step_store.delete_prefix(a + _META_SUFFIX)
-                if legacy or (not committed and len(stale) == len(attempts)):
-                    if not self.store.exists(f"{d}/{MANIFEST_KEY}"):
-                        self.store.delete_prefix(d)
+                whole = legacy or (not committed and len(stale) == len(attempts))
+                if whole and not self.store.exists(f"{d}/{MANIFEST_KEY}"):
+                    self.store.delete_prefix(d)
             collected.append(s)
         return collected
 

@@ -110,10 +110,7 @@ def _check_shard(
 ) -> list[Problem]:
     """One shard object: its size (format v1 records it), index and every chunk's crc32c."""
     part = a.parts[part_index]
-    if a.kind == "scalar":
-        key = f"{a.part_key(part_index)}/c"
-    else:
-        key = shard_key(a.part_key(part_index), coords)
+    key = f"{a.part_key(part_index)}/c" if a.kind == "scalar" else shard_key(a.part_key(part_index), coords)
     cell = cell_box(coords, part.grid, part.shape)
     geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
     limit = rec.nbytes if rec is not None else (

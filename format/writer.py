@@ -26,9 +26,9 @@ from ckptd.format.layout import Mesh, TensorLayout
 from ckptd.format.manifest import ArrayKind, ArrayRecord, PartRecord, ShardRecord
 from ckptd.format.names import check_array_path
 from ckptd.format.plan import DEFAULT_CHUNK_BYTES, ArrayPlan, PartPlan, cached_plan
-from ckptd.format.tally import Tally, shard_fingerprint
 from ckptd.format.shard import ShardGeometry, encode_shard
 from ckptd.format.store import Store
+from ckptd.format.tally import Tally, shard_fingerprint
 
 
 def shard_key(array_key: str, coords: Sequence[int]) -> str:
@@ -59,7 +59,9 @@ class ArrayReport:
     def record(self, path: str) -> ArrayRecord:
         """The array as planned, shards derived from the grid (format v2)."""
         assert self.plan is not None
-        parts = tuple(PartRecord(p.offset, p.shape, p.grid, p.chunks, (), listed=False) for p in self.plan.parts)
+        parts = tuple(
+            PartRecord(p.offset, p.shape, p.grid, p.chunks, (), listed=False) for p in self.plan.parts
+        )
         return ArrayRecord(path, self.dtype, self.shape, self.kind, self.codec, self.layout, parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -145,7 +147,9 @@ class CheckpointWriter:
             )
         if not box.fits_in(gshape):
             raise LayoutError(f"{path}: box {box.to_json()} lies outside the global shape {gshape}")
-        plan = cached_plan(gshape, dtype.itemsize, box, self.chunk_bytes, boxes=boxes, layout=layout, mesh=mesh)
+        plan = cached_plan(
+            gshape, dtype.itemsize, box, self.chunk_bytes, boxes=boxes, layout=layout, mesh=mesh
+        )
         codec = CodecSpec() if plan.kind == "scalar" else self.codec
         lead = not any(box.offset) and (not box.is_empty() or math.prod(gshape) == 0)
         with self._lock:

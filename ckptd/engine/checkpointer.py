@@ -43,7 +43,7 @@ from ckptd.engine.policy import SavePolicy
 from ckptd.engine.pool import HostPool
 from ckptd.engine.signals import PreemptionHandler
 from ckptd.engine.snapshot import Snapshot, Stager
-from ckptd.engine.tiers import ENGINE_KEY, MemoryTier, StoreTier
+from ckptd.engine.tiers import MemoryTier, StoreTier
 from ckptd.format.codecs import CodecSpec
 from ckptd.format.errors import CheckpointError, LayoutError
 from ckptd.format.manifest import Manifest

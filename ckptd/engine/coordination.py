@@ -219,9 +219,8 @@ class DistributedCoordinator:
     def _report(self, store: Any, key: str, report: WriterReport) -> None:
         leads = report.lead_records()
         if leads:
-            doc = json.dumps({p: a.to_json() for p, a in leads.items()}, separators=(",", ":"))
             index = store.add(f"{key}/nleads", 1) - 1
-            store.set(f"{key}/lead/{index}", doc)
+            store.set(f"{key}/lead/{index}", encode_leads(leads))
         counters = report.tally.counters()
         counters["writers"] = int(report.tally.shards > 0)
         counters["rank_states"] = int(report.rank_state)
@@ -238,7 +237,7 @@ class DistributedCoordinator:
             counts = {name: store.add(f"{key}/n/{name}", 0) for name in _COUNTERS}
             leads = []
             for i in range(store.add(f"{key}/nleads", 0)):
-                leads.append(_parse_leads(store.get(f"{key}/lead/{i}")))
+                leads.append(parse_leads(store.get(f"{key}/lead/{i}")))
             finalize(Gathered(merge_leads(leads), Tally.from_counters(counts), counts["writers"],
                               counts["rank_states"]))
         except BaseException as e:
@@ -268,7 +267,12 @@ class DistributedCoordinator:
             dist.destroy_process_group(self.group)
 
 
-def _parse_leads(raw: bytes) -> dict[str, ArrayRecord]:
+def encode_leads(leads: dict[str, ArrayRecord]) -> str:
+    """A lead writer's array descriptions as JSON (never a pickle: the committer parses it strictly)."""
+    return json.dumps({p: a.to_json() for p, a in leads.items()}, separators=(",", ":"))
+
+
+def parse_leads(raw: bytes) -> dict[str, ArrayRecord]:
     from ckptd.format.errors import MetadataError
     from ckptd.format.manifest import parse_array
     from ckptd.format.names import check_array_path

@@ -25,7 +25,7 @@ from ckptd.format.commit_record import LEASE_NAME, encode_rank_state, meta_key, 
 from ckptd.format.errors import CheckpointError, CheckpointExistsError, LayoutError
 from ckptd.format.lease import Lease
 from ckptd.format.manifest import Manifest, Totals
-from ckptd.format.run import Run, step_dir
+from ckptd.format.run import Run
 from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
 from ckptd.format.writer import CheckpointWriter, WriterReport
@@ -193,7 +193,8 @@ class StoreTier:
         totals = Totals(arrays=len(gathered.arrays), shards=t.shards, nbytes=t.nbytes,
                         stored_bytes=t.stored_bytes, writers=gathered.writers)
         manifest = publish(self.run.checkpoint_store(snap.step), step=snap.step, attempt=attempt,
-                           arrays=gathered.arrays, state=snap.skeleton, world_size=self.coordinator.world_size,
+                           arrays=gathered.arrays, state=snap.skeleton,
+                           world_size=self.coordinator.world_size,
                            mesh=mesh, metadata=metadata, totals=totals, rank_state=gathered.rank_states > 0,
                            lease=lease)
         lease.release()

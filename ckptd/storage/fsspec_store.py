@@ -80,7 +80,9 @@ class FsspecStore:
         try:
             self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
-            raise CheckpointExistsError(f"{self.url}/{key} already exists: another writer committed first") from None
+            raise CheckpointExistsError(
+                f"{self.url}/{key} already exists: another writer committed first"
+            ) from None
         except Exception as e:
             if _precondition_failed(e):
                 raise CheckpointExistsError(

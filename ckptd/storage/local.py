@@ -137,7 +137,9 @@ class LocalStore:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    raise CheckpointExistsError(f"{path} already exists: another writer committed first") from None
+                    raise CheckpointExistsError(
+                        f"{path} already exists: another writer committed first"
+                    ) from None
                 finally:
                     tmp.unlink(missing_ok=True)
             else:
