@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -146,8 +146,10 @@ def commit(
     total = sum((r.tally for r in reports), Tally())
     totals = Totals(arrays=len(arrays), shards=total.shards, nbytes=total.nbytes,
                     stored_bytes=total.stored_bytes, writers=len({r.rank for r in reports if r.tally.shards}))
+    documented = set().union(*(r.documented for r in reports)) if reports else set()
     return publish(store, step=step, attempt=attempt, arrays=arrays, state=state, world_size=world_size,
-                   mesh=mesh, metadata=metadata, totals=totals, rank_state=rank_state, lease=lease)
+                   mesh=mesh, metadata=metadata, totals=totals, rank_state=rank_state, lease=lease,
+                   documented=documented)
 
 
 def check_tally(arrays: Mapping[str, ArrayRecord], got: Tally) -> None:
@@ -174,6 +176,7 @@ def publish(
     totals: Totals,
     rank_state: bool = False,
     lease: Lease | None = None,
+    documented: Collection[str] = (),
 ) -> Manifest:
     """Format v2 commit: Zarr metadata and tables, then the commit record, created exclusively.
 
@@ -194,7 +197,7 @@ def publish(
     pages = encode_pages(attempt, manifest.arrays)
     state_raw = encode_state(attempt, state)
     record = encode_record(manifest, [ref for ref, _ in pages], BlobRef(len(state_raw), crc32c(state_raw)))
-    documents = _zarr_documents(manifest, prefix=f"{attempt}/")
+    documents = _zarr_documents(manifest, prefix=f"{attempt}/", skip=set(documented))
     documents.update({page_key(attempt, i): raw for i, (_, raw) in enumerate(pages)})
     documents[meta_key(attempt, STATE_NAME)] = state_raw
     _write_all(store, documents)
@@ -224,9 +227,12 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _zarr_documents(manifest: Manifest, *, prefix: str) -> dict[str, bytes]:
+def _zarr_documents(manifest: Manifest, *, prefix: str, skip: set[str] | None = None) -> dict[str, bytes]:
+    """``zarr.json`` of every group and of the arrays not in ``skip`` (their lead writers wrote them)."""
     documents: dict[str, bytes] = {}
     for a in manifest.arrays.values():
+        if skip and a.path in skip:
+            continue
         for i, part in enumerate(a.parts):
             documents[f"{prefix}{a.part_key(i)}/{ZARR_JSON}"] = array_document(a, part, i)
     for g in sorted(checkpoint_groups(manifest.arrays.values())):  # verify.py checks the same set

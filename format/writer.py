@@ -83,6 +83,9 @@ class WriterReport:
     """Count, fingerprint and bytes of the shards written (see ``tally.py``)."""
     rank_state: bool = False
     """This writer also wrote its own rank-state object (format v2)."""
+    documented: set[str] = field(default_factory=set)
+    """Arrays whose ``zarr.json`` this writer wrote (the lead writer of each array does, so the
+    committer's work does not grow with the number of arrays times their metadata)."""
 
     @property
     def nbytes(self) -> int:
@@ -235,6 +238,11 @@ class CheckpointWriter:
             except BaseException as e:  # keep draining so no thread writes after we return
                 error = error or e
         self._futures.clear()
+        if error is None:
+            try:
+                self._document_leads()
+            except BaseException as e:
+                error = e
         if self._own_pool:
             self._pool.shutdown(wait=True)
         if error is not None:
@@ -246,6 +254,20 @@ class CheckpointWriter:
         except OSError as e:
             raise StorageError(f"making shards durable in {self.store.url} failed: {e}") from e
         return self._report
+
+
+    def _document_leads(self) -> None:
+        """``zarr.json`` of the arrays whose first box this writer owns (format v2: every array's
+        metadata is written by exactly one writer, in parallel with the others)."""
+        from ckptd.format.zarr_meta import ZARR_JSON, array_document
+
+        for path, a in self._report.arrays.items():
+            if not a.lead or a.plan is None:
+                continue
+            rec = a.record(path)
+            for i, part in enumerate(rec.parts):
+                self.store.write(f"{rec.part_key(i)}/{ZARR_JSON}", [array_document(rec, part, i)])
+            self._report.documented.add(path)
 
 
 def write_state(

@@ -9,9 +9,10 @@ one it started at boundary ``b - 1``: by then the training step in between has s
 the ranks, so it has completed and reading it does not wait. Every rank reads the same sample
 at the same boundary, so decisions stay identical.
 
-The bound this gives: a flag raised on any rank between boundaries ``b - 1`` and ``b`` is acted
-on by every rank at boundary ``b + 1`` — a preemption signal is honoured at the second step
-boundary after it arrives (the first one at world size 1, where no agreement is needed).
+With ``every = k`` an agreement starts only at every k-th boundary and is read at the next one.
+The bound this gives: a flag raised on any rank is acted on by every rank within ``2k`` step
+boundaries (k = 1: at the second boundary after it is raised); at world size 1 no agreement is
+needed and flags act at the next boundary.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ class Sample:
 
 
 class StepAgreement:
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, every: int = 1) -> None:
         self.coordinator = coordinator
+        self.every = every
         self.boundary = 0
         self._pending: tuple[int, Callable[[], list[int]]] | None = None
 
     @property
-    def lag(self) -> int:
-        """Step boundaries between raising a flag and acting on it everywhere."""
-        return 0 if self.coordinator.world_size == 1 else 1
+    def bound(self) -> int:
+        """At most this many step boundaries between raising a flag and acting on it everywhere."""
+        return 1 if self.coordinator.world_size == 1 else 2 * self.every
 
     def exchange(self, flags: list[int]) -> Sample | None:
         """Called once per step boundary on every rank: offers this rank's ``flags`` and returns the
@@ -47,6 +49,8 @@ class StepAgreement:
         self.boundary += 1
         if self.coordinator.world_size == 1:
             return Sample(self.boundary, list(flags))
+        if self.boundary % self.every:
+            return None
         done: Sample | None = None
         if self._pending is not None:
             taken, result = self._pending

@@ -96,6 +96,7 @@ class Checkpointer:
         coordinator: Coordinator | None = None,
         config: CheckpointerConfig | None = None,
         optimizers: Sequence[torch.optim.Optimizer] = (),
+        agree_every: int = 1,
     ) -> None:
         self.config = config or CheckpointerConfig(
             uri=uri, every=every, every_seconds=every_seconds, memory_keep=memory_keep, tiers=tiers,
@@ -103,7 +104,7 @@ class Checkpointer:
                                 metric=metric, mode="max" if metric_mode == "max" else "min"),
             codec=codec, host_budget_bytes=host_budget_bytes, catalog=catalog, run_name=run_name,
             storage_options=storage_options, lazy=lazy, handle_signals=handle_signals,
-            exit_on_preempt=exit_on_preempt)
+            exit_on_preempt=exit_on_preempt, agree_every=agree_every)
         cfg = self.config
         self.state = state
         self.specs = {path: ShardSpec.of(v) for path, v in (layouts or {}).items()}
@@ -133,7 +134,7 @@ class Checkpointer:
         self.stager.guard(self.optimizers)
         self._held: dict[int, Snapshot] = {}
         self._seq = 0
-        self.agreement = StepAgreement(self.coordinator)
+        self.agreement = StepAgreement(self.coordinator, cfg.agree_every)
         # Boundaries (``agreement.boundary``) of the latest actions, so that a sample agreed before
         # an action never repeats it (see ``_decide``); identical on every rank.
         self._submitted_at = [0] * len(self.stores)

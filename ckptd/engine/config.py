@@ -216,8 +216,15 @@ class CheckpointerConfig:
     run_name: str | None = None
     """The run's name in the catalog (default: the last segment of ``uri``)."""
     commit_timeout_s: float = 600.0
+    """How long a rank waits for the others during a commit (a dead or stuck rank ends the attempt,
+    with nothing committed, after this long)."""
+    agree_every: int = 1
+    """Step boundaries between two (asynchronous) agreements of the ranks on time-based policies,
+    preemption signals, rollbacks and free tiers. A flag raised on any rank is acted on by every
+    rank within ``2 * agree_every`` step boundaries; larger values make ``step()`` cheaper."""
 
     def __post_init__(self) -> None:
+        _positive("agree_every", self.agree_every)
         if not isinstance(self.uri, str) or not self.uri:
             raise CheckpointError("Checkpointer needs a run root uri")
         _positive("every", self.every)

@@ -164,7 +164,13 @@ class DistributedCoordinator:
 
         def result() -> list[int]:
             if work is not None:
-                work.wait()
+                try:
+                    work.wait()
+                except Exception as e:  # gloo: a peer died, or did not arrive within the timeout
+                    raise CoordinationTimeout(
+                        f"ranks could not agree at a step boundary within {self.timeout_s:.0f}s (a rank "
+                        f"died or is stuck): {type(e).__name__}: {str(e)[:300]}"
+                    ) from e
             return [int(v) for v in t.tolist()]
 
         return result

@@ -196,7 +196,7 @@ class StoreTier:
                            arrays=gathered.arrays, state=snap.skeleton,
                            world_size=self.coordinator.world_size,
                            mesh=mesh, metadata=metadata, totals=totals, rank_state=gathered.rank_states > 0,
-                           lease=lease)
+                           lease=lease, documented=gathered.arrays.keys())
         lease.release()
         self._metrics[snap.step] = dict(snap.metrics)
         self.apply_retention()
