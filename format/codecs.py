@@ -59,7 +59,10 @@ class CodecSpec:
         """Parse ``"none"``, ``"zstd"``, ``"zstd:3"``, ``"blosc-zstd:1:bit"`` and the like."""
         parts = text.split(":")
         comp = parts[0]
-        level = int(parts[1]) if len(parts) > 1 and parts[1] else 1
+        try:
+            level = int(parts[1]) if len(parts) > 1 and parts[1] else 1
+        except ValueError:
+            raise MetadataError(f"codec {text!r}: the level must be an integer (e.g. zstd:3)") from None
         shuffle = parts[2] if len(parts) > 2 else "byte"
         return CodecSpec(comp, level, shuffle)  # type: ignore[arg-type]
 
@@ -77,8 +80,13 @@ class CodecSpec:
     def from_json(doc: Any) -> CodecSpec:
         if not isinstance(doc, dict):
             raise MetadataError(f"codec description must be an object, got {doc!r}")
+        comp, level, shuffle = doc.get("compressor"), doc.get("level"), doc.get("shuffle")
+        if not isinstance(comp, str) or not isinstance(shuffle, str) or not isinstance(level, int) or isinstance(
+            level, bool
+        ):
+            raise MetadataError(f"malformed codec description {doc!r} (compressor, level, shuffle)")
         try:
-            return CodecSpec(str(doc["compressor"]), int(doc["level"]), str(doc["shuffle"]))  # type: ignore[arg-type]
+            return CodecSpec(comp, level, shuffle)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:
             raise MetadataError(f"malformed codec description {doc!r}") from e
 
