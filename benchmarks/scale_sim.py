@@ -40,21 +40,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe  # noqa: E402
-from ckptd.engine.coordination import encode_leads, merge_leads, parse_leads  # noqa: E402
-from ckptd.format import plan as plan_mod  # noqa: E402
-from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping  # noqa: E402
-from ckptd.format.codecs import CodecSpec  # noqa: E402
-from ckptd.format.commit import check_tally, publish  # noqa: E402
-from ckptd.format.commit_record import encode_rank_state, rank_key  # noqa: E402
-from ckptd.format.dtypes import logical_dtype  # noqa: E402
-from ckptd.format.layout import TensorLayout, mesh_coords  # noqa: E402
-from ckptd.format.manifest import ArrayRecord, Totals  # noqa: E402
-from ckptd.format.plan import DEFAULT_CHUNK_BYTES, cached_plan  # noqa: E402
-from ckptd.format.run import Run  # noqa: E402
-from ckptd.format.tally import Tally, expected_tally, shard_fingerprint  # noqa: E402
-from ckptd.format.writer import ArrayReport, CheckpointWriter, shard_key  # noqa: E402
-from ckptd.storage import LocalStore  # noqa: E402
+from ckptd.format import plan as plan_mod
+from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
+from ckptd.format.codecs import CodecSpec
+from ckptd.format.commit import check_tally, publish
+from ckptd.format.commit_record import encode_rank_state, rank_key
+from ckptd.format.dtypes import logical_dtype
+from ckptd.format.layout import TensorLayout, mesh_coords
+from ckptd.format.manifest import ArrayRecord, Totals
+from ckptd.format.plan import DEFAULT_CHUNK_BYTES, cached_plan
+from ckptd.format.run import Run
+from ckptd.format.tally import Tally, expected_tally, shard_fingerprint
+from ckptd.format.writer import ArrayReport, CheckpointWriter, shard_key
+
+from benchmarks.machine import describe
+from ckptd.engine.coordination import encode_leads, merge_leads, parse_leads
+from ckptd.storage import LocalStore
 
 H, FFN, VOCAB, VOCAB_PADDED, SEQ, LAYERS = 12288, 49152, 50257, 50304, 2048, 96
 PUT_PER_S, GET_PER_S = 3500, 5500
@@ -76,12 +77,20 @@ def model(pp: int) -> list[Tensor]:
     out = [Tensor("wte.weight", (VOCAB, H), 0, 0, VOCAB_PADDED), Tensor("wpe.weight", (SEQ, H), 0, None)]
     for i in range(LAYERS):
         s, p = i // per, f"layers.{i}."
-        out += [Tensor(p + "ln1.weight", (H,), s, None), Tensor(p + "ln1.bias", (H,), s, None),
-                Tensor(p + "attn.q.weight", (H, H), s, 0), Tensor(p + "attn.k.weight", (H, H), s, 0),
-                Tensor(p + "attn.v.weight", (H, H), s, 0), Tensor(p + "attn.proj.weight", (H, H), s, 1),
-                Tensor(p + "attn.proj.bias", (H,), s, None), Tensor(p + "ln2.weight", (H,), s, None),
-                Tensor(p + "ln2.bias", (H,), s, None), Tensor(p + "mlp.fc.weight", (FFN, H), s, 0),
-                Tensor(p + "mlp.fc.bias", (FFN,), s, 0), Tensor(p + "mlp.proj.weight", (H, FFN), s, 1)]
+        out += [
+            Tensor(p + "ln1.weight", (H,), s, None),
+            Tensor(p + "ln1.bias", (H,), s, None),
+            Tensor(p + "attn.q.weight", (H, H), s, 0),
+            Tensor(p + "attn.k.weight", (H, H), s, 0),
+            Tensor(p + "attn.v.weight", (H, H), s, 0),
+            Tensor(p + "attn.proj.weight", (H, H), s, 1),
+            Tensor(p + "attn.proj.bias", (H,), s, None),
+            Tensor(p + "ln2.weight", (H,), s, None),
+            Tensor(p + "ln2.bias", (H,), s, None),
+            Tensor(p + "mlp.fc.weight", (FFN, H), s, 0),
+            Tensor(p + "mlp.fc.bias", (FFN,), s, 0),
+            Tensor(p + "mlp.proj.weight", (H, FFN), s, 1),
+        ]
     out += [Tensor("ln_f.weight", (H,), pp - 1, None), Tensor("ln_f.bias", (H,), pp - 1, None)]
     return out
 
@@ -177,8 +186,13 @@ def rng_state() -> dict[str, Any]:
 
 def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str, Any]:
     job = Job.make(R, zero)
-    out: dict[str, Any] = {"bench": "scale_sim", "R": R, "zero": zero, "mesh": job.mesh,
-                           "arrays": len(job.arrays)}
+    out: dict[str, Any] = {
+        "bench": "scale_sim",
+        "R": R,
+        "zero": zero,
+        "mesh": job.mesh,
+        "arrays": len(job.arrays),
+    }
     sample = [0, R - 1]
     # ---- per-rank planning, first save (cold cache) and second save
     firsts, seconds = [], []
@@ -208,21 +222,31 @@ def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str,
     root = workdir / f"R{R}-z{zero}"
     run = Run(LocalStore(root, fsync=False))
     attempt = "a-" + f"{R:08x}{zero:08x}"
+
     def commit(step: int) -> Any:
         arrays = merge_leads([parse_leads(d.encode()) for d in lead_docs])
         want = expected_tally(arrays.values())
         nbytes = sum(a.nbytes for a in arrays.values())
         got = total if total is not None else Tally(want.shards, want.fingerprint, nbytes, nbytes)
         check_tally(arrays, got)
-        publish(run.checkpoint_store(step), step=step, attempt=attempt, arrays=arrays, state=state_tree(job),
-                world_size=R, mesh=job.mesh, metadata={"metrics": {"loss": 1.5}},
-                totals=Totals(len(arrays), got.shards, got.nbytes, got.stored_bytes, R), rank_state=True,
-                documented=arrays.keys())
-        return got
+        publish(
+            run.checkpoint_store(step),
+            step=step,
+            attempt=attempt,
+            arrays=arrays,
+            state=state_tree(job),
+            world_size=R,
+            mesh=job.mesh,
+            metadata={"metrics": {"loss": 1.5}},
+            totals=Totals(len(arrays), got.shards, got.nbytes, got.stored_bytes, R),
+            rank_state=True,
+            documented=arrays.keys(),
+        )
+        return got, arrays
 
     gc.collect()
     t0 = time.process_time()
-    got = commit(1000)
+    got, arrays_committed = commit(1000)
     out["commit_cpu_s"] = time.process_time() - t0
     tracemalloc.start()  # a second commit, measured for memory only (tracing slows Python down)
     commit(1001)
@@ -236,7 +260,7 @@ def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str,
     pages = sorted((meta / "tables").iterdir())
     out["table_pages"] = len(pages)
     out["max_page_bytes"] = max(p.stat().st_size for p in pages)
-    zarr_docs = sum(1 for _ in (step_dir / attempt).rglob("zarr.json"))
+    zarr_docs = sum(1 for _ in (step_dir / attempt).rglob("zarr.json"))  # groups (arrays: lead writers)
     # ---- restore on sample ranks (same layout): metadata bytes read, restore plan time
     rank_obj = encode_rank_state(attempt, 0, rng_state())
     reads, plans = [], []
@@ -269,14 +293,20 @@ def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str,
     out["restore_metadata_bytes_excl_state"] = max(reads) - out["state_bytes"]
     out["restore_plan_s"] = max(plans)
     # ---- requests
-    puts = got.shards + R + zarr_docs + len(pages) + 2 + 1  # shards, rank objects, zarr.json, pages, state+lease, record
-    prefixes = len({p.split("/")[1].split(".")[0] if p.startswith("model") else p.split("/")[2].split(".")[0]
-                    for p, _, _ in job.arrays})
-    out.update({"shards": got.shards, "put_requests": puts, "zarr_documents": zarr_docs,
-                "put_floor_one_prefix_s": puts / PUT_PER_S,
-                "array_prefixes": prefixes, "put_floor_spread_s": puts / PUT_PER_S / prefixes,
-                "get_requests_restore": R * (3 + out["table_pages"]) + 2 * got.shards,
-                "puts_per_shard_object": puts / got.shards})
+    # PUTs: shards, rank objects, group zarr.json, pages, state, lease, record; array zarr.json by leads
+    puts = got.shards + R + zarr_docs + len(pages) + 3 + len(arrays_committed)
+    per_array = max(a.shard_count + 1 for a in arrays_committed.values())
+    out.update(
+        {
+            "shards": got.shards,
+            "put_requests": puts,
+            "put_overhead_vs_shards": puts - got.shards,
+            "put_floor_one_prefix_s": puts / PUT_PER_S,
+            "max_puts_under_one_array_prefix": per_array,
+            "put_floor_per_array_prefix_s": per_array / PUT_PER_S,
+            "get_requests_restore": R * (3 + out["table_pages"]) + 2 * got.shards,
+        }
+    )
     out["get_floor_one_prefix_s"] = out["get_requests_restore"] / GET_PER_S
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -301,8 +331,12 @@ def main() -> None:
             res["bench"] = "scale_sim_limit"
             print(json.dumps(res), flush=True)
             results.append(res)
-    out = args.out or str(ROOT / "benchmarks" / "results" / f"scale-sim-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
-    Path(out).write_text(json.dumps({"machine": describe(), "args": vars(args), "results": results}, indent=1))
+    out = args.out or str(
+        ROOT / "benchmarks" / "results" / f"scale-sim-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    )
+    Path(out).write_text(
+        json.dumps({"machine": describe(), "args": vars(args), "results": results}, indent=1)
+    )
     print(f"wrote {out}", file=sys.stderr)
 
 

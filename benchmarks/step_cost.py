@@ -45,9 +45,10 @@ def worker(steps: int, out: str) -> None:
     state = {"w": torch.zeros(1024)}
     ckpt_times: list[float] = []
     base_times: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp, ckptd.Checkpointer(
-        tmp, state=state, every=10**9, handle_signals=False
-    ) as ckpt:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ckptd.Checkpointer(tmp, state=state, every=10**9, handle_signals=False) as ckpt,
+    ):
         flags = [0] * (3 + 2 * len(ckpt.flushers))
         baseline_group = dist.new_group(backend="gloo") if world > 1 else None
         for i in range(steps + 100):
@@ -63,7 +64,9 @@ def worker(steps: int, out: str) -> None:
             if i >= 100:  # warm-up excluded
                 ckpt_times.append((t1 - t0) / 1e3)
                 base_times.append((t2 - t1) / 1e3)
-    Path(out).write_text(json.dumps({"rank": rank, "step_us": ckpt_times, "blocking_allreduce_us": base_times}))
+    Path(out).write_text(
+        json.dumps({"rank": rank, "step_us": ckpt_times, "blocking_allreduce_us": base_times})
+    )
     if world > 1:
         dist.destroy_process_group()
 
@@ -73,11 +76,29 @@ def run_world(world: int, steps: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", "--steps", str(steps), "--out", f"{tmp}/r{rank}.json"],
-                env=env))
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(ROOT),
+            }
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        "--steps",
+                        str(steps),
+                        "--out",
+                        f"{tmp}/r{rank}.json",
+                    ],
+                    env=env,
+                )
+            )
         for p in procs:
             if p.wait(timeout=900) != 0:
                 raise SystemExit(f"a worker of world size {world} failed")
@@ -89,12 +110,22 @@ def run_world(world: int, steps: int) -> dict[str, object]:
         return med, p99
 
     med, p99 = stats("step_us")
-    out: dict[str, object] = {"bench": "step_cost", "world": world, "steps": steps,
-                              "step_median_us": round(med, 1), "step_p99_us": round(p99, 1)}
+    out: dict[str, object] = {
+        "bench": "step_cost",
+        "world": world,
+        "steps": steps,
+        "step_median_us": round(med, 1),
+        "step_p99_us": round(p99, 1),
+    }
     if world > 1:
         bmed, bp99 = stats("blocking_allreduce_us")
-        out.update({"blocking_allreduce_median_us": round(bmed, 1), "blocking_allreduce_p99_us": round(bp99, 1),
-                    "step_vs_blocking_allreduce": round(med / bmed, 3)})
+        out.update(
+            {
+                "blocking_allreduce_median_us": round(bmed, 1),
+                "blocking_allreduce_p99_us": round(bp99, 1),
+                "step_vs_blocking_allreduce": round(med / bmed, 3),
+            }
+        )
     return out
 
 
@@ -116,9 +147,12 @@ def main() -> None:
         res = run_world(w, args.steps)
         print(json.dumps(res), flush=True)
         results.append(res)
-    out = args.out or str(ROOT / "benchmarks" / "results" /
-                          f"step-cost-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
-    Path(out).write_text(json.dumps({"machine": describe(), "args": vars(args), "results": results}, indent=1))
+    out = args.out or str(
+        ROOT / "benchmarks" / "results" / f"step-cost-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    )
+    Path(out).write_text(
+        json.dumps({"machine": describe(), "args": vars(args), "results": results}, indent=1)
+    )
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -281,7 +281,9 @@ def write_state(
 
 def report_to_json(report: WriterReport) -> dict[str, Any]:
     """A writer report as JSON, to send to the committer (TCPStore, gloo) without pickling."""
-    return {"rank": report.rank, "arrays": {p: a.to_json() for p, a in report.arrays.items()}}
+    return {"rank": report.rank, "arrays": {p: a.to_json() for p, a in report.arrays.items()},
+            "tally": report.tally.counters(), "documented": sorted(report.documented),
+            "rank_state": report.rank_state}
 
 
 def report_from_json(doc: Any) -> WriterReport:
@@ -312,6 +314,16 @@ def report_from_json(doc: Any) -> WriterReport:
         for key, part in zip(parts_doc.keys(), rec.parts, strict=False):
             ar.parts[int(key)] = part
         rep.arrays[path] = ar
+    tally = doc.get("tally")
+    if isinstance(tally, dict):
+        keys = ("shards", "fp_lo", "fp_hi", "nbytes", "stored_bytes")
+        if not all(isinstance(tally.get(k), int) and tally[k] >= 0 for k in keys):
+            raise MetadataError("malformed writer report tally")
+        rep.tally = Tally.from_counters({k: tally[k] for k in keys})
+    documented = doc.get("documented", [])
+    if isinstance(documented, list):
+        rep.documented = {check_array_path(p) for p in documented if isinstance(p, str) and p in rep.arrays}
+    rep.rank_state = doc.get("rank_state") is True
     return rep
 
 

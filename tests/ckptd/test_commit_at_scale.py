@@ -18,17 +18,31 @@ import ckptd
 WORKER = Path(__file__).parent / "workers" / "scale_job.py"
 
 
-def launch(world: int, mode: str, run: Path, out: Path, *, timeout: float = 300,
-           expect_dead: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+def launch(
+    world: int, mode: str, run: Path, out: Path, *, timeout: float = 300, expect_dead: set[int] = frozenset()
+) -> None:  # type: ignore[assignment]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-P", str(WORKER), mode, str(run), str(out)], env=env,
-                                      cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-P", str(WORKER), mode, str(run), str(out)],
+                env=env,
+                cwd="/",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     outputs = []
     for p in procs:
         try:

@@ -34,8 +34,9 @@ ROWS, COLS = 64, 33
 def table_spec(world: int, rank: int) -> ckptd.ShardSpec:
     layout = ckptd.TensorLayout(partition=(("dp",), ()))
     mesh = {"dp": world}
-    return ckptd.ShardSpec(shape=(ROWS, COLS), box=layout.box_for((ROWS, COLS), mesh, {"dp": rank}),
-                           layout=layout, mesh=mesh)
+    return ckptd.ShardSpec(
+        shape=(ROWS, COLS), box=layout.box_for((ROWS, COLS), mesh, {"dp": rank}), layout=layout, mesh=mesh
+    )
 
 
 def values(step: int) -> torch.Tensor:
@@ -44,8 +45,11 @@ def values(step: int) -> torch.Tensor:
 
 def fresh(world: int, rank: int, step: int) -> tuple[dict, dict]:
     spec = table_spec(world, rank)
-    state = {"table": values(step)[spec.box.slices()].clone(), "vec": torch.full((5,), float(step)),
-             "meta": {"step": step}}
+    state = {
+        "table": values(step)[spec.box.slices()].clone(),
+        "vec": torch.full((5,), float(step)),
+        "meta": {"step": step},
+    }
     return state, {"table": spec}
 
 
