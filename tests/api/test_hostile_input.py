@@ -61,7 +61,8 @@ def test_surrogates_in_other_strings_are_refused(api: httpx.Client, tmp_path: Pa
         ("step", cursor([1, -(2**70)])),
         ("nbytes", cursor([-(2**64), 1])),
         ("created_at", cursor(["2026-01-01T00:00:00", 1])),  # naive: which time zone?
-        ("created_at", cursor(["9999-12-31T23:59:59+23:59", 1])),
+        ("created_at", cursor(["9999-12-31T23:59:59-23:59", 1])),  # past year 9999 in UTC
+        ("created_at", cursor(["0001-01-01T00:00:00+23:59", 1])),
         ("metric:loss", raw_cursor("[NaN, 1]")),
         ("metric:loss", raw_cursor("[1e999, 1]")),
         ("id", raw_cursor("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]], 1]")),
