@@ -87,7 +87,7 @@ def create_app(
     db = Database(settings.database_url, pool_size=settings.pool_size)
     if settings.migrate_on_start:
         db.upgrade()
-    runner = JobRunner(db, converter)
+    runner = JobRunner(db, converter, poll_s=settings.job_poll_s, lease_s=settings.job_lease_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -200,7 +200,7 @@ def test_mutations_need_the_token(anon: httpx.Client, api: httpx.Client) -> None
 
 def test_health_metrics_and_schema(api: httpx.Client) -> None:
     health = api.get("/healthz").json()
-    assert health["status"] == "ok" and health["schema_revision"] == "0002"
+    assert health["status"] == "ok" and health["schema_revision"] == "0003"
     api.get(f"{V1}/runs")
     text = api.get("/metrics").text
     assert 'ckptd_http_requests_total{method="GET",route="/api/v1/runs",status="200"}' in text
