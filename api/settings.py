@@ -20,7 +20,9 @@ ENV_ALLOWED_HOSTS = "CKPTD_ALLOWED_HOSTS"
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 """Room for a registration with the largest layout the catalog accepts (20,000 arrays, ~3.6 MB)."""
 # os.pathsep is ':' on POSIX, which also starts '://' in a URI: split on it only where no '//' follows
-_ROOT_SEPARATORS = re.compile(r",|:(?!//)") if os.pathsep == ":" else re.compile(rf",|{re.escape(os.pathsep)}")
+_ROOT_SEPARATORS = (
+    re.compile(r",|:(?!//)") if os.pathsep == ":" else re.compile(rf",|{re.escape(os.pathsep)}")
+)
 
 
 def data_dir() -> Path:
@@ -65,7 +67,7 @@ class CatalogSettings:
     """Prefixes (paths or URIs) every run root must lie under (``CKPTD_ALLOW_ROOTS``, ``--allow-root``);
     by default only :func:`data_dir`. They bound what GC may ever delete."""
     max_body_bytes: int = field(default_factory=_default_max_body)
-    """Request bodies larger than this are refused with 413 before they are read (``CKPTD_MAX_BODY_BYTES``)."""
+    """Larger request bodies are refused with 413 before they are read (``CKPTD_MAX_BODY_BYTES``)."""
     allowed_hosts: tuple[str, ...] = field(default_factory=_default_hosts)
     """When not empty, requests whose ``Host`` is not one of these get 400 (DNS rebinding;
     ``CKPTD_ALLOWED_HOSTS``, ``--allowed-host``); ``*.example.com`` matches subdomains."""

@@ -66,7 +66,12 @@ def _sort_key(sort: str) -> tuple[str, bool, Any, type]:
     if key_name.startswith("metric:"):
         return key_name, descending, CheckpointMetric.value, float
     if key_name in SORT_KEYS:
-        return key_name, descending, getattr(Checkpoint, key_name), datetime if key_name == "created_at" else int
+        return (
+            key_name,
+            descending,
+            getattr(Checkpoint, key_name),
+            datetime if key_name == "created_at" else int,
+        )
     raise InvalidRequestError(f"cannot sort by {sort!r}")
 
 

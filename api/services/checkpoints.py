@@ -16,6 +16,7 @@ from typing import Any
 
 from ckptd.api.errors import ConflictError, InvalidTransitionError, NotFoundError
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run, utcnow
+from ckptd.api.roots import require_checkpoint_location
 from ckptd.api.schemas import (
     CheckpointCreate,
     CheckpointPublic,
@@ -25,7 +26,6 @@ from ckptd.api.schemas import (
 )
 from ckptd.api.services.checkpoint_pages import layout_summary
 from ckptd.api.services.runs import get_run
-from ckptd.api.roots import require_checkpoint_location
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

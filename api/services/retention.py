@@ -20,11 +20,11 @@ from typing import Any
 
 from ckptd.api.errors import BackendNotInstalledError, CatalogError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Run
+from ckptd.api.roots import deletable_local_dir, require_allowed_root, require_checkpoint_location
 from ckptd.api.schemas import GCEntry, GCPlan, GCResult, RetentionPolicy
 from ckptd.api.services.checkpoints import transition
 from ckptd.api.services.runs import get_run
 from ckptd.api.services.selection import protected_ids
-from ckptd.api.roots import deletable_local_dir, require_allowed_root, require_checkpoint_location
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

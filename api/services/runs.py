@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
+from ckptd.api.errors import ConflictError, NotFoundError
 from ckptd.api.models import Checkpoint, Run
 from ckptd.api.roots import require_allowed_root
 from ckptd.api.schemas import RetentionPolicy, RunCreate, RunPublic, RunUpdate
@@ -36,7 +36,7 @@ def get_run(session: Session, *, name: str) -> Run:
     return run
 
 
-def _allowed_roots(roots: Mapping[str, str], allow: Iterable[str] | None) -> dict[str, str]:
+def _allowed_roots(roots: Mapping[Any, str], allow: Iterable[str] | None) -> dict[str, str]:
     return {str(tier): require_allowed_root(uri, allow) for tier, uri in roots.items()}
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from ckptd.api.errors import InvalidRequestError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Location
-from ckptd.api.schemas import CheckpointCreate, LayoutDoc, LocationIn, RunCreate, SyncReport
 from ckptd.api.roots import local_path
+from ckptd.api.schemas import CheckpointCreate, LayoutDoc, LocationIn, RunCreate, SyncReport
 from ckptd.api.services.checkpoints import mark_deleted, register_checkpoint, set_locations, transition
 from ckptd.api.services.retention import open_fs
 from ckptd.api.services.runs import create_run
@@ -189,5 +189,11 @@ def sync_from_storage(session: Session, *, run_name: str, tier: str, root: str) 
     found = root_exists(root)
     records, rejected = read_run_manifests(root)
     return reconcile(
-        session, run_name=run_name, tier=tier, root=root, records=records, rejected=rejected, mark_missing=found
+        session,
+        run_name=run_name,
+        tier=tier,
+        root=root,
+        records=records,
+        rejected=rejected,
+        mark_missing=found,
     )

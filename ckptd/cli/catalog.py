@@ -87,7 +87,6 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ckptd.api.db import ENV_DATABASE_URL
-
     from ckptd.api.settings import (
         ENV_ALLOW_ROOTS,
         ENV_ALLOWED_HOSTS,

@@ -44,8 +44,12 @@ def test_sync_marks_checkpoints_gone_from_storage_deleted(api: httpx.Client, tmp
 
 def test_sync_keeps_a_checkpoint_another_tier_still_holds(api: httpx.Client, tmp_path: Path) -> None:
     run = make_run(api, tmp_path)
-    assert api.patch(f"{V1}/runs/{run}", json={"roots": {
-        "local": str(tmp_path / run), "remote": f"s3://bucket/{run}"}}).status_code == 200
+    assert (
+        api.patch(
+            f"{V1}/runs/{run}", json={"roots": {"local": str(tmp_path / run), "remote": f"s3://bucket/{run}"}}
+        ).status_code
+        == 200
+    )
     (tmp_path / run).mkdir()
     locs = [
         {"tier": "local", "uri": str(tmp_path / run / "step_0000000005")},
@@ -68,7 +72,9 @@ def test_sync_of_a_vanished_root_reports_but_marks_nothing(api: httpx.Client, tm
     assert states(api, run) == {1: "committed"}
 
 
-def test_discard_marks_the_abandoned_steps_deleted(api: httpx.Client, anon: httpx.Client, tmp_path: Path) -> None:
+def test_discard_marks_the_abandoned_steps_deleted(
+    api: httpx.Client, anon: httpx.Client, tmp_path: Path
+) -> None:
     run = make_run(api, tmp_path)
     for step in (2, 4, 6, 8):
         add_checkpoint(api, run, step, root=tmp_path)

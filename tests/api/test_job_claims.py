@@ -62,11 +62,16 @@ def test_two_servers_run_each_job_exactly_once(databases: FreshDatabases, tmp_pa
     try:
         with httpx.Client(base_url=first.url, headers=AUTH, timeout=30) as a:
             cid = committed_checkpoint(a, tmp_path)
-            ids = [a.post(f"{V1}/checkpoints/{cid}/convert", json={"dp": n}).json()["id"] for n in range(1, 13)]
+            ids = [
+                a.post(f"{V1}/checkpoints/{cid}/convert", json={"dp": n}).json()["id"] for n in range(1, 13)
+            ]
             # a server starting now finds queued jobs of a live server: it may help, never duplicate
             second = job_server(url, record, tmp_path)
             with httpx.Client(base_url=second.url, headers=AUTH, timeout=30) as b:
-                ids += [b.post(f"{V1}/checkpoints/{cid}/convert", json={"pp": n}).json()["id"] for n in range(1, 13)]
+                ids += [
+                    b.post(f"{V1}/checkpoints/{cid}/convert", json={"pp": n}).json()["id"]
+                    for n in range(1, 13)
+                ]
                 jobs = wait_jobs(b, ids)
         assert {j["status"] for j in jobs.values()} == {"succeeded"}
         runs = [line.split() for line in record.read_text().splitlines()]
@@ -79,7 +84,9 @@ def test_two_servers_run_each_job_exactly_once(databases: FreshDatabases, tmp_pa
             second.stop()
 
 
-def test_a_job_whose_server_died_fails_when_its_lease_expires(databases: FreshDatabases, tmp_path: Path) -> None:
+def test_a_job_whose_server_died_fails_when_its_lease_expires(
+    databases: FreshDatabases, tmp_path: Path
+) -> None:
     url, record = databases.new(), tmp_path / "ran.txt"
     doomed = job_server(url, record, tmp_path, lease_s=2.0)
     survivor = None

@@ -82,14 +82,22 @@ def test_roots_are_immutable_once_a_checkpoint_exists(fenced: tuple[httpx.Client
     assert r.status_code == 409 and "checkpoint" in r.json()["detail"]
     assert api.patch(f"{V1}/runs/{name}", json={"roots": {}}).status_code == 409  # nor dropped
     # a tier without a root may still get one (an engine restarted with a remote tier added)
-    r = api.patch(f"{V1}/runs/{name}", json={"roots": {"local": str(fixed), "remote": f"s3://bucket/team/{name}"}})
+    r = api.patch(
+        f"{V1}/runs/{name}", json={"roots": {"local": str(fixed), "remote": f"s3://bucket/team/{name}"}}
+    )
     assert r.status_code == 200, r.text
     assert api.get(f"{V1}/runs/{name}").json()["roots"]["local"] == str(fixed)
 
 
 @pytest.mark.parametrize(
     "root",
-    ["s3://bucket/other/x", "s3://bucket/teamx/run", "s3://bucketx/team/run", "gs://bucket/team/run", "/etc/x"],
+    [
+        "s3://bucket/other/x",
+        "s3://bucket/teamx/run",
+        "s3://bucketx/team/run",
+        "gs://bucket/team/run",
+        "/etc/x",
+    ],
 )
 def test_roots_outside_every_allowed_prefix_are_refused(
     fenced: tuple[httpx.Client, Path, Path], root: str

@@ -30,7 +30,8 @@ def thread_server(database_url: str) -> Iterator[str]:
 
     from tests.uvicorn_thread import serve_in_thread
 
-    settings = CatalogSettings(database_url=database_url, api_token=TOKEN, allow_roots=(tempfile.gettempdir(),))
+    allow = (tempfile.gettempdir(),)  # where the tests' run roots live
+    settings = CatalogSettings(database_url=database_url, api_token=TOKEN, allow_roots=allow)
     url, stop = serve_in_thread(create_app(settings))
     try:
         yield url
