@@ -71,7 +71,7 @@ class CatalogSettings:
     allowed_hosts: tuple[str, ...] = field(default_factory=_default_hosts)
     """When not empty, requests whose ``Host`` is not one of these get 400 (DNS rebinding;
     ``CKPTD_ALLOWED_HOSTS``, ``--allowed-host``); ``*.example.com`` matches subdomains."""
-    job_poll_s: float = 1.0
+    job_poll_s: float = 2.0
     """How often the job worker looks for queued jobs that another server process created."""
     job_lease_s: float = 60.0
     """A running job whose server has not renewed its claim for this long is failed (its server died)."""

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ class JobRunner:
         db: Database,
         converter: Converter = default_converter,
         *,
-        poll_s: float = 1.0,
+        poll_s: float = 2.0,
         lease_s: float = 60.0,
     ) -> None:
         self._db = db
@@ -158,9 +159,12 @@ class JobRunner:
         self._wake.set()
 
     def _work(self) -> None:
+        next_expiry = 0.0
         while not self._stopping.is_set():
             try:
-                self.expire_stale()
+                if time.monotonic() >= next_expiry:  # a lease is renewed every lease_s/3: check as often
+                    self.expire_stale()
+                    next_expiry = time.monotonic() + self._lease_s / 3
                 task = self.claim()
             except Exception:  # a database hiccup must not kill the worker thread
                 log.exception("conversion jobs: claiming failed; retrying")

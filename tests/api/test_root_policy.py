@@ -145,3 +145,16 @@ def test_the_default_allows_only_the_data_dir(monkeypatch: pytest.MonkeyPatch, t
 def test_bad_allowed_roots_are_refused_at_startup(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_allow_roots(bad) if bad else CatalogSettings(database_url="sqlite://", allow_roots=(bad,))
+
+
+def test_serve_refuses_a_bad_allowed_root_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from ckptd.cli.main import main
+
+    for var in ("CKPTD_ALLOW_ROOTS", "CKPTD_DATABASE_URL", "CKPTD_ALLOWED_HOSTS"):
+        monkeypatch.delenv(var, raising=False)  # serve exports its flags; restored after the test
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    assert main(["serve", "--db", db, "--allow-root", "relative/dir"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ckptd: error: allowed root 'relative/dir'")
