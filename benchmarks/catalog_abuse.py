@@ -97,7 +97,8 @@ def main() -> None:
     out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        servers = {f"baseline@{args.baseline}": baseline_tree(args.baseline, tmp / "baseline"), "this tree": None}
+        baseline = baseline_tree(args.baseline, tmp / "baseline")
+        servers = {f"baseline@{args.baseline}": baseline, "this tree": None}
         for i in range(args.repeats):
             for what in ("body", "plan"):
                 for label, tree in servers.items():
@@ -128,7 +129,7 @@ def main() -> None:
     summary = []
     for what in ("body", "plan"):
         med = {
-            label: statistics.median(r["growth_mib"] for r in out if r["server"] == label and r["attack"] == what)
+            label: statistics.median(r["growth_mib"] for r in out if (r["server"], r["attack"]) == (label, what))
             for label in {r["server"] for r in out}
         }
         summary.append({"attack": what, "median_growth_mib": med})
