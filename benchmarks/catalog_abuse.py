@@ -129,7 +129,9 @@ def main() -> None:
     summary = []
     for what in ("body", "plan"):
         med = {
-            label: statistics.median(r["growth_mib"] for r in out if (r["server"], r["attack"]) == (label, what))
+            label: statistics.median(
+                r["growth_mib"] for r in out if (r["server"], r["attack"]) == (label, what)
+            )
             for label in {r["server"] for r in out}
         }
         summary.append({"attack": what, "median_growth_mib": med})
