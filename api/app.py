@@ -22,6 +22,7 @@ from ckptd.api.errors import (
     NotFoundError,
     StorageDeleteError,
 )
+from ckptd.api.limits import BodyLimitMiddleware
 from ckptd.api.metrics import MetricsMiddleware, RequestMetrics, catalog_gauges
 from ckptd.api.routes import checkpoints as checkpoint_routes
 from ckptd.api.routes import runs as run_routes
@@ -29,13 +30,14 @@ from ckptd.api.schemas import Health
 from ckptd.api.services.jobs import Converter, JobRunner, default_converter
 from ckptd.api.services.retention import StorageDeleter, fsspec_delete
 from ckptd.api.settings import CatalogSettings
-from ckptd.format.errors import CheckpointError, LayoutError, MetadataError
+from ckptd.format.errors import CheckpointError, LayoutError, MetadataError, StorageError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 API_PREFIX = "/api/v1"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -49,7 +51,7 @@ def http_status(error: Exception) -> int:
         return 409
     if isinstance(error, InvalidRequestError | MetadataError | LayoutError):
         return 422
-    if isinstance(error, StorageDeleteError):
+    if isinstance(error, StorageDeleteError | StorageError):
         return 502
     if isinstance(error, OperationalError):
         return 503
@@ -85,7 +87,7 @@ def create_app(
     db = Database(settings.database_url, pool_size=settings.pool_size)
     if settings.migrate_on_start:
         db.upgrade()
-    runner = JobRunner(db, converter)
+    runner = JobRunner(db, converter, poll_s=settings.job_poll_s, lease_s=settings.job_lease_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +111,10 @@ def create_app(
     app.state.jobs = runner
     app.state.deleter = deleter
     request_metrics = RequestMetrics()
+    # the last added runs first: metrics see every answer, the guards run before any routing
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
     app.add_middleware(MetricsMiddleware, metrics=request_metrics, prefix=API_PREFIX)
     for error in (CheckpointError, IntegrityError, OperationalError):
         app.add_exception_handler(error, _domain_error)

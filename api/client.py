@@ -233,6 +233,16 @@ class CatalogClient:
             is not _FAILED
         )
 
+    def discard_after(self, run: str, step: int) -> bool:
+        """The run rolled back to ``step`` and its newer checkpoints were deleted from storage: have
+        the catalog mark them deleted (so that ``latest`` names ``step`` again)."""
+        return (
+            self._safe(
+                f"discard {run} after step {step}", "POST", f"/runs/{run}/discard", json={"after_step": step}
+            )
+            is not _FAILED
+        )
+
     def resolve(self, run: str, selector: str) -> CheckpointRef | None:
         """``latest``, ``best:<metric>[:min|:max]``, ``step:<n>`` or an alias -> a committed checkpoint."""
         doc = self._safe(

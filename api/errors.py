@@ -9,11 +9,13 @@ Service functions raise these (never HTTP exceptions: the CLI shares the service
         ├── ConflictError(CatalogError)                    -> 409  incompatible re-registration
         ├── InvalidTransitionError(ConflictError)          -> 409  checkpoint state machine violated
         ├── InvalidRequestError(CatalogError, ValueError)  -> 422  well-formed but meaningless request
-        ├── OutsideRunRootError(InvalidRequestError)       -> 422  a URI that is not inside the run's root
-        └── StorageDeleteError(CatalogError)               -> 502  deleting from storage failed
+        ├── OutsideRunRootError(InvalidRequestError)       -> 422  a URI that is not its step's directory
+        ├── RootNotAllowedError(InvalidRequestError)       -> 422  a run root outside the allowed prefixes
+        ├── BackendNotInstalledError(InvalidRequestError)  -> 422  gs://, az://... without its fsspec package
+        └── StorageDeleteError(CatalogError)               -> 502  storage failed (deleting, listing)
 
 ``ckptd.format.errors.MetadataError`` (and ``UnsafeNameError``) and ``LayoutError`` raised while
-validating input map to 422 as well.
+validating input map to 422 as well; ``ckptd.format.errors.StorageError`` to 502.
 """
 
 from __future__ import annotations
@@ -50,5 +52,13 @@ class OutsideRunRootError(InvalidRequestError):
     """A storage URI that does not lie strictly inside the run's registered root for its tier."""
 
 
+class RootNotAllowedError(InvalidRequestError):
+    """A run root that lies under none of the prefixes the server operator allowed."""
+
+
+class BackendNotInstalledError(InvalidRequestError):
+    """A storage URI whose fsspec backend (gcsfs, adlfs, ...) this server does not have."""
+
+
 class StorageDeleteError(CatalogError):
-    """Deleting a checkpoint's data from storage failed."""
+    """Storage failed under a catalog operation: deleting a checkpoint's data, listing a run root."""

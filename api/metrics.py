@@ -15,6 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted under their own name; any other (clients may invent them) counts as ``OTHER``."""
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -82,12 +84,14 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route: Any = scope.get("route")
-            template = getattr(route, "path", None)  # templates, not paths: label cardinality stays bounded
+            # templates, not paths, and known methods: label cardinality stays bounded whatever clients send
+            template = getattr(route, "path", None)
             if template is None:
                 template = "<unmatched>"
             elif scope["path"].startswith(self.prefix + "/") and not template.startswith(self.prefix):
                 template = self.prefix + template  # routes of included routers report their own path
-            self.metrics.observe(scope["method"], template, status, time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
+            self.metrics.observe(method, template, status, time.perf_counter() - start)
 
 
 def catalog_gauges(session: Session) -> list[str]:

@@ -177,7 +177,11 @@ class Rollback(Base):
 
 
 class ConversionJob(Base):
+    """A conversion, claimed by one server process at a time (``claimed_by``), which renews
+    ``heartbeat_at`` while it runs: several ``ckptd serve`` processes share one job table."""
+
     __tablename__ = "conversion_jobs"
+    __table_args__ = (Index("ix_conversion_jobs_status_id", "status", "id"),)  # the claim query
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True)
@@ -189,3 +193,7 @@ class ConversionJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    """The server process running the job (host:pid:nonce)."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    """Renewed by that process while the job runs; a stale one means the process died."""

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 from ckptd.api.uris import check_uri
 from ckptd.format.layout import TensorLayout
 from ckptd.format.names import check_array_path, check_segment
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 MAX_DOC_BYTES = 64 * 1024
 MAX_ARRAYS = 20_000
@@ -31,7 +39,11 @@ def _bounded_json(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_selector(value: str) -> str:
-    if value == "latest" or re.fullmatch(r"step:\d{1,19}", value):
+    if value == "latest":
+        return value
+    if re.fullmatch(r"step:\d+", value):
+        if len(value) > 5 + 19 or int(value[5:]) > MAX_STEP:
+            raise ValueError(f"selector {value[:40]!r}: steps go up to {MAX_STEP}")
         return value
     if value.startswith("best:"):
         metric, _, mode = value[5:].partition(":")
@@ -65,8 +77,34 @@ RunStatus = Literal["active", "completed", "failed", "archived"]
 CheckpointState = Literal["pending", "committed", "deleting", "deleted", "failed"]
 
 
+def check_unicode(doc: Any) -> Any:
+    """Refuse a document with a string (key or value, at any depth) that is not valid Unicode: JSON's
+    ``\\ud800`` escapes decode to lone surrogates, which no database or JSON encoder can store."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"string {item[:40]!r} contains a lone UTF-16 surrogate") from e
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return doc
+
+
 class Strict(BaseModel):
+    """A request body: no unknown fields, every string valid Unicode."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return check_unicode(data)
 
 
 # --- runs ------------------------------------------------------------------------------------------
@@ -324,6 +362,15 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
 
 
+class DiscardRequest(Strict):
+    after_step: Step = Field(description="the step the run rolled back to; every later one is discarded")
+
+
+class DiscardResult(BaseModel):
+    run: str
+    deleted: list[int] = Field(description="steps marked deleted by this request")
+
+
 class SyncRequest(Strict):
     tier: Literal["local", "remote"] = "local"
 
@@ -335,6 +382,9 @@ class SyncReport(BaseModel):
     committed: list[int] = Field(default_factory=list)
     unchanged: list[int] = Field(default_factory=list)
     missing: list[int] = Field(default_factory=list, description="committed in the catalog, no manifest")
+    deleted: list[int] = Field(
+        default_factory=list, description="of the missing, those no other tier holds: marked deleted"
+    )
     rejected: dict[str, str] = Field(default_factory=dict, description="step -> why its manifest was ignored")
 
 

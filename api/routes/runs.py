@@ -5,15 +5,18 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Literal
 
-from ckptd.api.deps import Authorized, DeleterDep, SessionDep, read
+from ckptd.api.deps import Authorized, DeleterDep, SessionDep, SettingsDep, read
 from ckptd.api.errors import InvalidRequestError
 from ckptd.api.models import Rollback
+from ckptd.api.roots import require_allowed_root
 from ckptd.api.routes.params import AliasPathName, Cursor, Limit, RunName
 from ckptd.api.schemas import (
     AliasPublic,
     AliasSet,
     CheckpointCreate,
     CheckpointPublic,
+    DiscardRequest,
+    DiscardResult,
     GCPlan,
     GCResult,
     RollbackPublic,
@@ -60,8 +63,8 @@ async def list_runs(
     dependencies=[Authorized],
     responses={200: {"description": "the run already existed", "model": RunPublic}},
 )
-def create_run(session: SessionDep, data: RunCreate, response: Response) -> RunPublic:
-    run, created = runs.create_run(session, data=data)
+def create_run(session: SessionDep, settings: SettingsDep, data: RunCreate, response: Response) -> RunPublic:
+    run, created = runs.create_run(session, data=data, allow_roots=settings.allow_roots)
     if not created:
         response.status_code = status.HTTP_200_OK
     session.flush()
@@ -75,8 +78,9 @@ def get_run(session: SessionDep, run: RunName) -> RunPublic:
 
 
 @router.patch("/{run}", response_model=RunPublic, dependencies=[Authorized])
-def update_run(session: SessionDep, run: RunName, data: RunUpdate) -> RunPublic:
-    r = runs.update_run(session, name=run, data=data)
+def update_run(session: SessionDep, settings: SettingsDep, run: RunName, data: RunUpdate) -> RunPublic:
+    """Status, config, retention; roots only while the run has no checkpoint (or for a new tier)."""
+    r = runs.update_run(session, name=run, data=data, allow_roots=settings.allow_roots)
     return runs.run_public(r, runs.run_stats(session, run_ids=[r.id]).get(r.id))
 
 
@@ -197,16 +201,28 @@ def preview_gc(session: SessionDep, run: RunName) -> GCPlan:
 
 
 @router.post("/{run}/gc", response_model=GCResult, dependencies=[Authorized])
-def execute_gc(session: SessionDep, deleter: DeleterDep, run: RunName) -> GCResult:
-    return retention.execute_gc(session, run_name=run, delete=deleter)
+def execute_gc(session: SessionDep, settings: SettingsDep, deleter: DeleterDep, run: RunName) -> GCResult:
+    """Delete what the retention plan does not keep; checkpoints whose data storage would not give
+    up are listed under ``failed`` (and are ``failed``, retried by the next GC)."""
+    return retention.execute_gc(session, run_name=run, delete=deleter, allow_roots=settings.allow_roots)
 
 
 @router.post("/{run}/sync", response_model=SyncReport, dependencies=[Authorized])
-def sync_run(session: SessionDep, run: RunName, data: SyncRequest) -> SyncReport:
+def sync_run(session: SessionDep, settings: SettingsDep, run: RunName, data: SyncRequest) -> SyncReport:
     """Reconcile the run from the manifests under its registered root for ``tier`` (never a URI
-    from the request)."""
+    from the request): checkpoints found are added or committed, committed ones gone from storage
+    are marked deleted (when the root itself is there)."""
     r = runs.get_run(session, name=run)
     root = r.roots.get(data.tier)
     if root is None:
         raise InvalidRequestError(f"run {r.name!r} has no {data.tier} root to sync from")
+    require_allowed_root(root, settings.allow_roots)
     return sync.sync_from_storage(session, run_name=r.name, tier=data.tier, root=root)
+
+
+@router.post("/{run}/discard", response_model=DiscardResult, dependencies=[Authorized])
+def discard(session: SessionDep, run: RunName, data: DiscardRequest) -> DiscardResult:
+    """The engine rolled back to ``after_step`` and deleted the newer checkpoints from storage: mark
+    them deleted (an abandoned trajectory is never ``latest``). Retrying is harmless."""
+    steps = checkpoints.discard_after(session, run_name=run, step=data.after_step)
+    return DiscardResult(run=run, deleted=steps)

@@ -66,7 +66,12 @@ def _sort_key(sort: str) -> tuple[str, bool, Any, type]:
     if key_name.startswith("metric:"):
         return key_name, descending, CheckpointMetric.value, float
     if key_name in SORT_KEYS:
-        return key_name, descending, getattr(Checkpoint, key_name), str if key_name == "created_at" else int
+        return (
+            key_name,
+            descending,
+            getattr(Checkpoint, key_name),
+            datetime if key_name == "created_at" else int,
+        )
     raise InvalidRequestError(f"cannot sort by {sort!r}")
 
 
@@ -119,11 +124,6 @@ def list_checkpoints(
     if cursor is not None:
         try:
             key, row_id = decode_cursor(cursor, key_type)
-            if key_name == "created_at":
-                try:
-                    key = datetime.fromisoformat(key)
-                except ValueError as e:
-                    raise InvalidRequestError("malformed pagination cursor") from e
         except InvalidRequestError:
             if run is not None:
                 get_run(session, name=run)  # a missing run is a 404 before a bad cursor is a 422

@@ -1,6 +1,7 @@
 """Checkpoints: registration by the engine, the state machine, queries.
 
-State machine (``deleting`` and ``deleted`` are reached only through retention GC)::
+State machine (``deleting`` is reached only through retention GC; ``deleted`` also when the engine
+discards the checkpoints after a rollback target, or sync finds a checkpoint gone from storage)::
 
     pending ──> committed ──> deleting ──> deleted
        │                         │
@@ -15,6 +16,7 @@ from typing import Any
 
 from ckptd.api.errors import ConflictError, InvalidTransitionError, NotFoundError
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run, utcnow
+from ckptd.api.roots import require_checkpoint_location
 from ckptd.api.schemas import (
     CheckpointCreate,
     CheckpointPublic,
@@ -24,7 +26,6 @@ from ckptd.api.schemas import (
 )
 from ckptd.api.services.checkpoint_pages import layout_summary
 from ckptd.api.services.runs import get_run
-from ckptd.api.uris import require_within
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -60,10 +61,11 @@ def get_checkpoint(session: Session, *, checkpoint_id: int) -> Checkpoint:
 
 
 def set_locations(ckpt: Checkpoint, run: Run, locations: list[LocationIn]) -> None:
-    """Add or replace (per tier) where the checkpoint lives; each URI must be inside the run's root."""
+    """Add or replace (per tier) where the checkpoint lives: exactly its step's directory under the
+    run's root for that tier (``<root>/step_<10 digits>``)."""
     by_tier = {loc.tier: loc for loc in ckpt.locations}
     for loc in locations:
-        uri = require_within(loc.uri, run.roots.get(loc.tier), tier=loc.tier)
+        uri = require_checkpoint_location(loc.uri, run.roots.get(loc.tier), tier=loc.tier, step=ckpt.step)
         if loc.tier in by_tier:
             by_tier[loc.tier].uri = uri
         else:
@@ -146,6 +148,35 @@ def update_checkpoint(session: Session, *, checkpoint_id: int, data: CheckpointU
         transition(ckpt, data.state, error=data.error)
     session.flush()
     return ckpt
+
+
+def mark_deleted(ckpt: Checkpoint, why: str) -> None:
+    """Storage no longer holds the checkpoint (a rollback discarded it, sync found it gone): it is
+    ``deleted`` whatever it was, except ``deleting``, which GC owns."""
+    if ckpt.state in ("deleted", "deleting"):
+        return
+    ckpt.state, ckpt.error = "deleted", why
+    ckpt.locations.clear()
+
+
+def discard_after(session: Session, *, run_name: str, step: int) -> list[int]:
+    """Mark every checkpoint of the run after ``step`` deleted (the engine rolled back to ``step``
+    and removed the newer ones from storage); returns the steps that changed."""
+    run = get_run(session, name=run_name)
+    changed = []
+    for ckpt in session.scalars(
+        select(Checkpoint)
+        .where(
+            Checkpoint.run_id == run.id,
+            Checkpoint.step > step,
+            Checkpoint.state.in_(("pending", "committed", "failed")),
+        )
+        .order_by(Checkpoint.step)
+    ):
+        mark_deleted(ckpt, f"discarded by a rollback to step {step}")
+        changed.append(ckpt.step)
+    session.flush()
+    return changed
 
 
 def checkpoint_public(ckpt: Checkpoint) -> CheckpointPublic:

@@ -2,17 +2,21 @@
 
 The converter is pluggable (:data:`Converter`): the app gets one at construction, tests pass a
 real callable, and :func:`default_converter` reshards with ``ckptd.converters.reshard``.
-Jobs are rows, so their status survives a restart: on start the runner
-re-queues ``queued`` jobs and fails ``running`` ones (their worker died with the old process).
+Jobs are rows, so their status survives a restart, and every server process on the database
+claims from the same table (see :class:`JobRunner`).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import os
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from ckptd.api.db import Database
@@ -22,7 +26,7 @@ from ckptd.api.schemas import ConvertRequest, JobPublic
 from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.services.restore import persistent_sources
 from ckptd.api.uris import check_uri, tier_of
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, or_, select, update
 
 log = logging.getLogger(__name__)
 
@@ -105,61 +109,119 @@ def create_job(db_session: Any, *, checkpoint_id: int, data: ConvertRequest) -> 
 
 
 class JobRunner:
-    """One daemon thread draining a queue of job ids (conversions are I/O and memory heavy:
-    running them one at a time keeps the server's footprint bounded)."""
+    """One daemon thread per server process that claims queued jobs from the database and runs
+    them one at a time (conversions are I/O and memory heavy: one at a time keeps the server's
+    footprint bounded).
 
-    def __init__(self, db: Database, converter: Converter = default_converter) -> None:
+    Several server processes share the job table (a scaled-out catalog on PostgreSQL): a job is
+    claimed with a row lock that the others skip (``SELECT ... FOR UPDATE SKIP LOCKED``) and a
+    conditional ``UPDATE ... WHERE status = 'queued'`` (the guard SQLite relies on), so it runs
+    exactly once. The claimant renews ``heartbeat_at`` while it runs; a running job whose lease
+    (``lease_s``) ran out belonged to a process that died, and is failed by whichever server
+    notices. ``enqueue`` only wakes this process's worker; the others find the job within ``poll_s``.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        converter: Converter = default_converter,
+        *,
+        poll_s: float = 2.0,
+        lease_s: float = 60.0,
+    ) -> None:
         self._db = db
         self._converter = converter
-        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._poll_s = poll_s
+        self._lease_s = lease_s
+        self.worker_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.idle = threading.Event()
+        """Set while this process's worker has nothing to run."""
         self.idle.set()
 
     def start(self) -> None:
-        with self._db.session() as s:
-            for job in s.scalars(select(ConversionJob).where(ConversionJob.status == "running")):
-                job.status, job.error, job.finished_at = (
-                    "failed",
-                    "the server restarted while it ran",
-                    utcnow(),
-                )
-            queued = list(s.scalars(select(ConversionJob.id).where(ConversionJob.status == "queued")))
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._work, name="ckptd-conversion-jobs", daemon=True)
         self._thread.start()
-        for job_id in queued:
-            self.enqueue(job_id)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            self._queue.put(None)
+            self._stopping.set()
+            self._wake.set()
             self._thread.join(timeout)
             self._thread = None
 
     def enqueue(self, job_id: int) -> None:
+        """A job was queued (its row committed): look for it now rather than at the next poll."""
         self.idle.clear()
-        self._queue.put(job_id)
+        self._wake.set()
 
     def _work(self) -> None:
-        while True:
-            job_id = self._queue.get()
-            if job_id is None:
-                return
+        next_expiry = 0.0
+        while not self._stopping.is_set():
             try:
-                self._run_one(job_id)
+                if time.monotonic() >= next_expiry:  # a lease is renewed every lease_s/3: check as often
+                    self.expire_stale()
+                    next_expiry = time.monotonic() + self._lease_s / 3
+                task = self.claim()
+            except Exception:  # a database hiccup must not kill the worker thread
+                log.exception("conversion jobs: claiming failed; retrying")
+                task = None
+            if task is None:
+                self.idle.set()
+                self._wake.wait(self._poll_s)
+                self._wake.clear()
+                continue
+            self.idle.clear()
+            try:
+                self._run(task)
             except Exception:  # a broken job must not kill the worker thread
-                log.exception("conversion job %s crashed the runner", job_id)
-            finally:
-                if self._queue.empty():
-                    self.idle.set()
+                log.exception("conversion job %s crashed the runner", task.job_id)
 
-    def _run_one(self, job_id: int) -> None:
+    def expire_stale(self) -> int:
+        """Fail running jobs whose claimant stopped renewing its lease; returns how many."""
+        cutoff = utcnow() - timedelta(seconds=self._lease_s)
         with self._db.session() as s:
-            job = s.get(ConversionJob, job_id)
-            if job is None or job.status != "queued":
-                return
+            result = s.execute(
+                update(ConversionJob)
+                .where(
+                    ConversionJob.status == "running",
+                    or_(ConversionJob.heartbeat_at.is_(None), ConversionJob.heartbeat_at < cutoff),
+                )
+                .values(
+                    status="failed",
+                    error=f"its server process stopped renewing the job's lease ({self._lease_s:g} s): "
+                    "it died or lost the database",
+                    finished_at=utcnow(),
+                )
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def claim(self) -> ConversionTask | None:
+        """Claim the oldest queued job for this process, or None when there is none to take."""
+        with self._db.session() as s:
+            job = s.scalar(
+                select(ConversionJob)
+                .where(ConversionJob.status == "queued")
+                .order_by(ConversionJob.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)  # SQLite has no row locks: the UPDATE below guards
+            )
+            if job is None:
+                return None
+            now = utcnow()
+            taken = s.execute(
+                update(ConversionJob)
+                .where(ConversionJob.id == job.id, ConversionJob.status == "queued")
+                .values(status="running", started_at=now, claimed_by=self.worker_id, heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                return None  # another process took it between our read and our write
             ckpt = get_checkpoint(s, checkpoint_id=job.checkpoint_id)
-            task = ConversionTask(
+            return ConversionTask(
                 job_id=job.id,
                 checkpoint_id=ckpt.id,
                 step=ckpt.step,
@@ -168,13 +230,38 @@ class JobRunner:
                 target_mesh={k: int(job.target[k]) for k in ("tp", "pp", "dp")},
                 output_uri=job.output_uri,
             )
-            job.status, job.started_at = "running", utcnow()
+
+    def _mine(self, job_id: int) -> ColumnElement[bool]:
+        return and_(
+            ConversionJob.id == job_id,
+            ConversionJob.status == "running",
+            ConversionJob.claimed_by == self.worker_id,
+        )
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        while not done.wait(self._lease_s / 3):
+            try:
+                with self._db.session() as s:
+                    s.execute(update(ConversionJob).where(self._mine(job_id)).values(heartbeat_at=utcnow()))
+            except Exception as e:  # the next beat may get through; the lease has slack for two misses
+                log.warning("conversion job %s: renewing its lease failed: %r", job_id, e)
+
+    def _run(self, task: ConversionTask) -> None:
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(task.job_id, done), daemon=True)
+        beat.start()
         try:
             result = self._converter(task)
             status, error = "succeeded", None
         except Exception as e:  # the converter's failure is the job's outcome, not the server's
             result, status, error = None, "failed", f"{type(e).__name__}: {e}"[:4000]
+        finally:
+            done.set()
+            beat.join()
         with self._db.session() as s:
-            job = s.get(ConversionJob, job_id)
-            if job is not None:
-                job.status, job.error, job.result, job.finished_at = status, error, result, utcnow()
+            # only while the job is still ours: a job expired meanwhile keeps its failure
+            s.execute(
+                update(ConversionJob)
+                .where(self._mine(task.job_id))
+                .values(status=status, error=error, result=result, finished_at=utcnow())
+            )

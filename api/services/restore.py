@@ -23,8 +23,9 @@ from ckptd.format.layout import TensorLayout, mesh_coords
 from sqlalchemy.orm import Session
 
 RANK_ORDER = ("pp", "dp", "tp")
-MAX_PLAN_ENTRIES = 200_000
-"""Ranks x arrays beyond which the caller must ask for one rank at a time."""
+MAX_PLAN_ENTRIES = 25_000
+"""Ranks x arrays beyond which the caller must ask for one rank at a time: about 50 MB of plan
+objects and JSON at the peak (one rank of the largest layout the catalog accepts fits)."""
 
 
 def persistent_sources(ckpt: Checkpoint) -> list[LocationPublic]:
@@ -50,18 +51,21 @@ def restore_plan(
             f"checkpoint {ckpt.id} has no persistent location (only in a training process's memory)"
         )
     arrays: dict[str, dict[str, Any]] = ckpt.layout.get("arrays", {})
+    world = pp * dp * tp
+    if rank is not None and not 0 <= rank < world:
+        raise InvalidRequestError(f"rank {rank} is outside the target world of {world} ranks")
+    # sized from numbers alone, before one rank's plan is built (tp=pp=dp=1024 is 2**30 ranks)
+    planned = 1 if rank is not None else world
+    if planned * max(1, len(arrays)) > MAX_PLAN_ENTRIES:
+        raise InvalidRequestError(
+            f"{planned} ranks x {len(arrays)} arrays is too large a plan (at most {MAX_PLAN_ENTRIES} "
+            "reads); ask for one rank at a time with ?rank="
+        )
     source_mesh: dict[str, int] = {str(k): int(v) for k, v in ckpt.layout.get("mesh", {}).items()}
     target: dict[str, int] = {"pp": pp, "dp": dp, "tp": tp}
     for axis in source_mesh:
         target.setdefault(axis, 1)
-    world = pp * dp * tp
-    if rank is not None and not 0 <= rank < world:
-        raise InvalidRequestError(f"rank {rank} is outside the target world of {world} ranks")
-    ranks = [rank] if rank is not None else list(range(world))
-    if len(ranks) * max(1, len(arrays)) > MAX_PLAN_ENTRIES:
-        raise InvalidRequestError(
-            f"{len(ranks)} ranks x {len(arrays)} arrays is too large a plan; ask for one rank with ?rank="
-        )
+    ranks: range | list[int] = [rank] if rank is not None else range(world)
     parsed: list[tuple[str, str, list[int], TensorLayout, float]] = []
     for path, spec in sorted(arrays.items()):
         try:

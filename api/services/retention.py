@@ -8,21 +8,23 @@ A run without any keep rule keeps every committed checkpoint. Failed checkpoints
 
 Execution is "delete from storage, then mark": ``committed -> deleting`` is committed to the
 database first (so a crash leaves a visible ``deleting`` row that the next GC retries), then every
-non-memory location is removed from storage — only when it lies strictly inside the run's root
-for that tier — and only then does the row become ``deleted``.
+non-memory location is removed from storage — only when it is its step's directory under the run's
+root for that tier (see ``ckptd.api.roots``) — and only then does the row become ``deleted``. When
+storage refuses, the row becomes ``failed`` (retried by the next GC), never stays ``deleting``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from ckptd.api.errors import OutsideRunRootError, StorageDeleteError
+from ckptd.api.errors import BackendNotInstalledError, CatalogError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Run
+from ckptd.api.roots import deletable_local_dir, require_allowed_root, require_checkpoint_location
 from ckptd.api.schemas import GCEntry, GCPlan, GCResult, RetentionPolicy
 from ckptd.api.services.checkpoints import transition
 from ckptd.api.services.runs import get_run
 from ckptd.api.services.selection import protected_ids
-from ckptd.api.uris import require_within
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -30,15 +32,29 @@ StorageDeleter = Callable[[str], None]
 """Deletes the tree at a URI (a checkpoint group); missing trees are not an error."""
 
 
-def fsspec_delete(uri: str) -> None:
-    import fsspec  # imported lazily: only GC execution touches storage
+def open_fs(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path of ``uri``; a backend this server lacks is a 422, not a 500."""
+    import fsspec  # imported lazily: only GC and sync touch storage
 
-    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ImportError as e:  # gs:// without gcsfs, az:// without adlfs ...
+        scheme = uri.split("://", 1)[0]
+        raise BackendNotInstalledError(
+            f"the storage backend for {scheme}:// is not installed on this catalog server ({e})"
+        ) from e
+    except (ValueError, OSError) as e:
+        raise StorageDeleteError(f"cannot open {uri!r}: {e}") from e
+    return fs, path
+
+
+def fsspec_delete(uri: str) -> None:
+    fs, path = open_fs(uri)
     try:
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    except OSError as e:
-        raise StorageDeleteError(f"deleting {uri!r} failed: {e}") from e
+    except Exception as e:  # whatever the backend raises (timeouts, auth, ...) is this checkpoint's failure
+        raise StorageDeleteError(f"deleting {uri!r} failed: {type(e).__name__}: {e}") from e
 
 
 def _entry(ckpt: Checkpoint, reason: str) -> GCEntry:
@@ -92,17 +108,37 @@ def plan_gc(session: Session, *, run_name: str) -> tuple[GCPlan, list[Checkpoint
     return plan, doomed
 
 
-def delete_checkpoint_data(ckpt: Checkpoint, run: Run, *, delete: StorageDeleter) -> None:
-    """Remove every non-memory location of ``ckpt`` from storage, refusing anything outside the run root."""
+def delete_checkpoint_data(
+    ckpt: Checkpoint, run: Run, *, delete: StorageDeleter, allow_roots: Iterable[str] | None = None
+) -> None:
+    """Remove every non-memory location of ``ckpt`` from storage. Each must still be its step's
+    directory under a run root that lies under ``allow_roots``, and a local one a real directory
+    (not a symlink) inside it: nothing else is ever deleted, whatever the database says."""
     for loc in list(ckpt.locations):
         if loc.tier == "memory":
             continue  # in-process snapshots belong to the training process; they age out there
-        uri = require_within(loc.uri, run.roots.get(loc.tier), tier=loc.tier)
+        root = run.roots.get(loc.tier)
+        if root is not None:
+            require_allowed_root(root, allow_roots)
+        uri = require_checkpoint_location(loc.uri, root, tier=loc.tier, step=ckpt.step)
+        assert root is not None  # require_checkpoint_location refuses a tier without a root
+        deletable_local_dir(uri, root)
         delete(uri)
 
 
-def execute_gc(session: Session, *, run_name: str, delete: StorageDeleter = fsspec_delete) -> GCResult:
-    """Apply the plan: mark ``deleting`` (committed first), delete from storage, mark ``deleted``."""
+def execute_gc(
+    session: Session,
+    *,
+    run_name: str,
+    delete: StorageDeleter = fsspec_delete,
+    allow_roots: Iterable[str] | None = None,
+) -> GCResult:
+    """Apply the plan: mark ``deleting`` (committed first), delete from storage, mark ``deleted``.
+
+    A checkpoint whose data cannot be deleted (a backend this server lacks, unreachable storage, a
+    location GC refuses to touch) becomes ``failed`` with the reason: some of its data may be gone,
+    the next GC retries it, and its step can be written again; it never stays ``deleting``.
+    """
     plan, doomed = plan_gc(session, run_name=run_name)
     run = get_run(session, name=run_name)
     result = GCResult(run=run.name, deleted=[], failed=[])
@@ -110,9 +146,9 @@ def execute_gc(session: Session, *, run_name: str, delete: StorageDeleter = fssp
         transition(ckpt, "deleting")
         session.commit()
         try:
-            delete_checkpoint_data(ckpt, run, delete=delete)
-        except (StorageDeleteError, OutsideRunRootError, OSError) as e:
-            ckpt.error = f"GC could not delete its data: {e}"[:4000]
+            delete_checkpoint_data(ckpt, run, delete=delete, allow_roots=allow_roots)
+        except (CatalogError, OSError) as e:
+            transition(ckpt, "failed", error=f"GC could not delete its data: {e}"[:4000])
             session.commit()
             result.failed.append(_entry(ckpt, str(e)))
             continue

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
+from ckptd.api.errors import ConflictError, NotFoundError
 from ckptd.api.models import Checkpoint, Run
+from ckptd.api.roots import require_allowed_root
 from ckptd.api.schemas import RetentionPolicy, RunCreate, RunPublic, RunUpdate
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.format.names import check_segment
@@ -35,18 +36,27 @@ def get_run(session: Session, *, name: str) -> Run:
     return run
 
 
-def create_run(session: Session, *, data: RunCreate) -> tuple[Run, bool]:
+def _allowed_roots(roots: Mapping[Any, str], allow: Iterable[str] | None) -> dict[str, str]:
+    return {str(tier): require_allowed_root(uri, allow) for tier, uri in roots.items()}
+
+
+def create_run(
+    session: Session, *, data: RunCreate, allow_roots: Iterable[str] | None = None
+) -> tuple[Run, bool]:
     """Create the run, or return the existing one when the request agrees with it.
 
-    Roots a re-registration names for tiers the run has no root for yet are added; a different
-    root for a tier that has one is a conflict (roots bound what GC may delete).
+    Every root must lie under ``allow_roots`` (the server's allowed prefixes; ``None`` for the
+    operator's own command line). Roots a re-registration names for tiers the run has no root for
+    yet are added; a different root for a tier that has one is a conflict (roots bound what GC may
+    delete).
     """
+    roots = _allowed_roots(data.roots, allow_roots)
     existing = session.scalar(select(Run).where(Run.name == data.name))
     if existing is None:
         run = Run(
             name=data.name,
             config=data.config,
-            roots={str(k): v for k, v in data.roots.items()},
+            roots=roots,
             retention=data.retention.model_dump(exclude_none=True),
         )
         try:
@@ -57,24 +67,37 @@ def create_run(session: Session, *, data: RunCreate) -> tuple[Run, bool]:
             existing = session.scalar(select(Run).where(Run.name == data.name))
             if existing is None:
                 raise
-    for tier, uri in data.roots.items():
+    for tier, uri in roots.items():
         if existing.roots.get(tier, uri) != uri:
             raise ConflictError(
                 f"run {data.name!r} already has {tier} root {existing.roots[tier]!r}, not {uri!r}"
             )
-    if not data.roots.keys() <= existing.roots.keys():
-        existing.roots = {**existing.roots, **{str(k): v for k, v in data.roots.items()}}
+    if not roots.keys() <= existing.roots.keys():
+        existing.roots = {**existing.roots, **roots}
     return existing, False
 
 
-def update_run(session: Session, *, name: str, data: RunUpdate) -> Run:
+def update_run(
+    session: Session, *, name: str, data: RunUpdate, allow_roots: Iterable[str] | None = None
+) -> Run:
+    """Change a run. Once it has a checkpoint its roots are fixed: a root may be added for a tier
+    without one, but none may move or go (the checkpoints' locations, and what GC deletes, hang
+    off them)."""
     run = get_run(session, name=name)
+    roots = None if data.roots is None else _allowed_roots(data.roots, allow_roots)
+    if roots is not None and roots != run.roots:
+        changed = sorted(t for t, uri in run.roots.items() if roots.get(t) != uri)
+        has_checkpoint = session.scalar(select(Checkpoint.id).where(Checkpoint.run_id == run.id).limit(1))
+        if changed and has_checkpoint is not None:
+            raise ConflictError(
+                f"run {run.name!r} has checkpoints: its {', '.join(changed)} root cannot change any more"
+            )
     if data.status is not None:
         run.status = data.status
     if data.config is not None:
         run.config = data.config
-    if data.roots is not None:
-        run.roots = {str(k): v for k, v in data.roots.items()}
+    if roots is not None:
+        run.roots = roots
     if data.retention is not None:
         run.retention = data.retention.model_dump(exclude_none=True)
     session.flush()
@@ -102,13 +125,7 @@ def list_runs(
     if name_prefix:
         query = query.where(Run.name.startswith(name_prefix, autoescape=True))
     if cursor is not None:
-        key, row_id = decode_cursor(cursor, str)
-        bound: str | datetime = key
-        if key_name == "created_at":
-            try:
-                bound = datetime.fromisoformat(key)
-            except ValueError as e:
-                raise InvalidRequestError("malformed pagination cursor") from e
+        bound, row_id = decode_cursor(cursor, datetime if key_name == "created_at" else str)
         query = query.where(after(key_col, Run.id, bound, row_id, descending=descending))
     order: list[ColumnElement[Any]] = (
         [key_col.desc(), Run.id.desc()] if descending else [key_col.asc(), Run.id.asc()]

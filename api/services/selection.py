@@ -18,7 +18,7 @@ import contextlib
 
 from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from ckptd.api.models import Alias, Checkpoint, CheckpointMetric, Rollback, Run, utcnow
-from ckptd.api.schemas import RollbackRequest
+from ckptd.api.schemas import MAX_STEP, RollbackRequest
 from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.services.runs import get_run
 from sqlalchemy import delete, select
@@ -42,10 +42,10 @@ def resolve(session: Session, *, run_name: str, selector: str) -> Checkpoint:
             .limit(1)
         )
     elif selector.startswith("step:"):
-        try:
-            step = int(selector[len("step:") :])
-        except ValueError as e:
-            raise InvalidRequestError(f"selector {selector!r}: step must be an integer") from e
+        digits = selector[len("step:") :]
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 19 or int(digits) > MAX_STEP:
+            raise InvalidRequestError(f"selector {selector[:40]!r}: step must be an integer up to {MAX_STEP}")
+        step = int(digits)
         ckpt = session.scalar(query.where(Checkpoint.step == step))
     else:
         alias = session.get(Alias, (run.id, selector))

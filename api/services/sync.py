@@ -7,20 +7,25 @@ Two halves with a small seam between them, so that each is testable alone:
 * :func:`reconcile` applies records to the catalog: unknown steps are added as committed,
   pending/failed rows whose manifest exists become committed (the manifest is written last,
   so it exists only for a complete checkpoint), committed rows gain the tier's location, and
-  committed rows of that tier without a manifest are reported as ``missing`` (never deleted:
-  the storage may be briefly unreachable).
+  committed rows of that tier without a manifest are reported as ``missing``, lose that tier's
+  location, and are marked ``deleted`` when no other persistent tier holds them (a rollback or
+  an operator removed them) — only when the root itself was found: an unmounted volume or an
+  unreachable bucket looks empty, and is no evidence that anything is gone.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ckptd.api.errors import InvalidRequestError
+from ckptd.api.errors import InvalidRequestError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Location
+from ckptd.api.roots import local_path
 from ckptd.api.schemas import CheckpointCreate, LayoutDoc, LocationIn, RunCreate, SyncReport
-from ckptd.api.services.checkpoints import register_checkpoint, set_locations, transition
+from ckptd.api.services.checkpoints import mark_deleted, register_checkpoint, set_locations, transition
+from ckptd.api.services.retention import open_fs
 from ckptd.api.services.runs import create_run
 from ckptd.api.uris import check_uri, require_within
 from ckptd.format.errors import CheckpointError
@@ -38,6 +43,21 @@ class ManifestRecord:
     """The manifest as JSON: ``step``, ``created_at``, ``arrays``, ``mesh``, ``metadata`` ..."""
 
 
+def root_exists(root: str) -> bool:
+    """Whether the run root itself is there (a local directory, an object prefix with objects)."""
+    root = check_uri(root)
+    path = local_path(root)
+    if path is not None:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InvalidRequestError(f"run root {root!r} is not a directory")
+        return os.path.isdir(path)
+    fs, fs_path = open_fs(root)
+    try:
+        return bool(fs.exists(fs_path))
+    except Exception as e:  # the backend's own errors: the storage did not answer
+        raise StorageDeleteError(f"cannot reach {root!r}: {type(e).__name__}: {e}") from e
+
+
 def read_run_manifests(root: str) -> tuple[list[ManifestRecord], dict[str, str]]:
     """Committed checkpoints under a run root, and steps whose manifest could not be read."""
     from ckptd.format.run import Run, step_dir  # the storage stack is only needed when syncing
@@ -45,10 +65,18 @@ def read_run_manifests(root: str) -> tuple[list[ManifestRecord], dict[str, str]]
     from ckptd.storage import open_store
 
     root = check_uri(root)
-    run = Run(open_store(root, fsync=False))
+    if local_path(root) is None:
+        open_fs(root)  # a backend this server lacks is the client's 422, before the store wraps it
+    try:
+        run = Run(open_store(root, fsync=False))
+        steps = run.steps()
+    except CheckpointError as e:
+        raise StorageDeleteError(f"cannot list {root!r}: {e}") from e
+    except Exception as e:  # the backend's own errors (timeouts, auth): the storage did not answer
+        raise StorageDeleteError(f"cannot list {root!r}: {type(e).__name__}: {e}") from e
     records: list[ManifestRecord] = []
     rejected: dict[str, str] = {}
-    for step in run.steps():
+    for step in steps:
         try:
             manifest = run.manifest(step)
         except CheckpointError as e:
@@ -94,7 +122,10 @@ def reconcile(
     root: str,
     records: Iterable[ManifestRecord],
     rejected: dict[str, str] | None = None,
+    mark_missing: bool = True,
 ) -> SyncReport:
+    """Apply ``records`` (every committed checkpoint found under ``root``) to the catalog; with
+    ``mark_missing``, committed checkpoints of this tier not among them are gone from it."""
     if tier not in ("local", "remote"):
         raise InvalidRequestError(f"cannot sync the {tier!r} tier")
     run, _ = create_run(session, data=RunCreate.model_validate({"name": run_name, "roots": {tier: root}}))
@@ -137,14 +168,32 @@ def reconcile(
             report.unchanged.append(record.step)
         session.flush()
     held_here = session.scalars(
-        select(Checkpoint.step)
+        select(Checkpoint)
         .join(Location, Location.checkpoint_id == Checkpoint.id)
         .where(Checkpoint.run_id == run.id, Checkpoint.state == "committed", Location.tier == tier)
+        .order_by(Checkpoint.step)
     )
-    report.missing = sorted(step for step in held_here if step not in seen)
+    for ckpt in [c for c in held_here if c.step not in seen]:
+        report.missing.append(ckpt.step)
+        if not mark_missing:
+            continue
+        ckpt.locations[:] = [loc for loc in ckpt.locations if loc.tier != tier]
+        if not any(loc.tier != "memory" for loc in ckpt.locations):
+            mark_deleted(ckpt, f"sync found no manifest under the {tier} root")
+            report.deleted.append(ckpt.step)
+    session.flush()
     return report
 
 
 def sync_from_storage(session: Session, *, run_name: str, tier: str, root: str) -> SyncReport:
+    found = root_exists(root)
     records, rejected = read_run_manifests(root)
-    return reconcile(session, run_name=run_name, tier=tier, root=root, records=records, rejected=rejected)
+    return reconcile(
+        session,
+        run_name=run_name,
+        tier=tier,
+        root=root,
+        records=records,
+        rejected=rejected,
+        mark_missing=found,
+    )

@@ -27,6 +27,27 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(
+        "--allow-root",
+        action="append",
+        metavar="PATH_OR_URL",
+        help="a prefix run roots may lie under (repeatable; also $CKPTD_ALLOW_ROOTS, separated by "
+        "os.pathsep or commas); default: only ~/.local/share/ckptd. GC deletes nothing outside these",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        metavar="N",
+        help="refuse larger request bodies with 413 before reading them (default 4 MiB; "
+        "$CKPTD_MAX_BODY_BYTES)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="HOST",
+        help="answer only requests whose Host header names HOST (repeatable; *.example.com for "
+        "subdomains; $CKPTD_ALLOWED_HOSTS): stops DNS rebinding. Default: any host",
+    )
     serve.set_defaults(func=_serve)
 
     db = subparsers.add_parser("db", help="catalog database maintenance")
@@ -66,9 +87,30 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ckptd.api.db import ENV_DATABASE_URL
+    from ckptd.api.settings import (
+        ENV_ALLOW_ROOTS,
+        ENV_ALLOWED_HOSTS,
+        ENV_MAX_BODY_BYTES,
+        CatalogSettings,
+    )
+    from ckptd.format.errors import CheckpointError
 
-    # The app factory reads the URL from the environment so that every uvicorn worker builds its own app.
+    # The app factory reads its settings from the environment so that every uvicorn worker builds its
+    # own app: the flags travel there.
     os.environ[ENV_DATABASE_URL] = _url(args)
+    if args.allow_root:
+        if any("," in r for r in args.allow_root):
+            raise CheckpointError("--allow-root: a prefix cannot contain ','")
+        os.environ[ENV_ALLOW_ROOTS] = ",".join(args.allow_root)
+    if args.max_body_bytes is not None:
+        os.environ[ENV_MAX_BODY_BYTES] = str(args.max_body_bytes)
+    if args.allowed_host:
+        os.environ[ENV_ALLOWED_HOSTS] = ",".join(args.allowed_host)
+    try:
+        settings = CatalogSettings()  # what each worker will build: refuse bad values here, in one line
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    print(f"ckptd serve: run roots allowed under {list(settings.allow_roots)}", file=sys.stderr)
     if not os.environ.get("CKPTD_API_TOKEN"):
         print("ckptd serve: CKPTD_API_TOKEN is not set; the catalog is read-only", file=sys.stderr)
     uvicorn.run(

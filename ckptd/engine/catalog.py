@@ -244,14 +244,16 @@ class CatalogLink:
             cache.popitem(last=False)
 
     def forget_after(self, step: int) -> None:
-        """Checkpoints newer than ``step`` were discarded by a rollback: a new one at the same step
-        must be registered afresh, not mistaken for the old one."""
+        """Checkpoints newer than ``step`` were discarded by a rollback: the catalog marks them
+        deleted (``latest`` is ``step`` again), and a new one at the same step must be registered
+        afresh, not mistaken for the old one. Queued like every notification, so it reaches the
+        catalog before the new trajectory's first registration."""
 
         def call() -> bool:
             for cache in (self._ids, self._committed):
                 for s in [s for s in cache if s > step]:
                     del cache[s]
-            return True
+            return self.client.discard_after(self.run, step)
 
         self._enqueue(f"forget steps after {step}", call)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,10 +112,20 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers=AUTH if token else {}, timeout=30)
 
 
-def start_server(database_url: str, **app_kw: Any) -> tuple[LiveServer, Callable[[], None]]:
-    """The catalog on a real uvicorn server (port 0); returns it and the function that stops it."""
-    settings = CatalogSettings(database_url=database_url, api_token=TOKEN)
-    app = create_app(settings, **app_kw)
+ALLOWED_ROOTS = (tempfile.gettempdir(), "s3://bucket")
+"""Where the test servers let runs put their roots: pytest's temporary directories, a fake bucket."""
+
+
+def start_server(
+    database_url: str, *, settings: dict[str, Any] | None = None, **app_kw: Any
+) -> tuple[LiveServer, Callable[[], None]]:
+    """The catalog on a real uvicorn server (port 0); returns it and the function that stops it.
+    ``settings`` overrides :class:`CatalogSettings` fields (allowed roots, body limit, hosts)."""
+    # the job worker looks for other servers' jobs only when told (its own wake it at once): its
+    # polling would otherwise show up in the statement counts of tests/api/test_query_counts.py
+    fields: dict[str, Any] = {"allow_roots": ALLOWED_ROOTS, "job_poll_s": 3600.0, **(settings or {})}
+    settings_ = CatalogSettings(database_url=database_url, api_token=TOKEN, **fields)
+    app = create_app(settings_, **app_kw)
     url, stop = serve_in_thread(app)
     return LiveServer(url, database_url, app), stop
 

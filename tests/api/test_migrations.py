@@ -10,7 +10,7 @@ from sqlalchemy import inspect
 
 from tests.api.conftest import FreshDatabases
 
-HEAD = "0002"
+HEAD = "0003"
 TABLES = {
     "runs",
     "checkpoints",

@@ -53,8 +53,8 @@ def busy_run(live: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> str:
                 metrics={"loss": 1.0 / (i + 1), "val_loss": 2.0 / (i + 1)},
                 tags=["even" if i % 2 == 0 else "odd"],
                 locations=[
-                    {"tier": "local", "uri": str(root / run / f"step_{step:010d}")},
-                    {"tier": "remote", "uri": f"s3://bucket/counts/{run}/step_{step:010d}"},
+                    {"tier": "local", "uri": str(root / f"step_{step:010d}")},
+                    {"tier": "remote", "uri": f"s3://bucket/counts/step_{step:010d}"},
                 ],
             )
     return run

@@ -20,8 +20,10 @@ def test_run_registration_is_idempotent_and_roots_cannot_be_redirected(
     assert first.status_code == 201
     again = api.post(f"{V1}/runs", json={"name": name})
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    moved = api.post(f"{V1}/runs", json={"name": name, "roots": {"local": "/etc"}})
+    moved = api.post(f"{V1}/runs", json={"name": name, "roots": {"local": str(tmp_path / "other")}})
     assert moved.status_code == 409
+    outside = api.post(f"{V1}/runs", json={"name": name, "roots": {"local": "/etc"}})
+    assert outside.status_code == 422  # not under an allowed prefix of the server
     added = api.post(f"{V1}/runs", json={"name": name, "roots": {"remote": f"s3://bucket/{name}"}})
     assert added.status_code == 200
     assert added.json()["roots"] == {"local": str(tmp_path / name), "remote": f"s3://bucket/{name}"}
@@ -198,7 +200,7 @@ def test_mutations_need_the_token(anon: httpx.Client, api: httpx.Client) -> None
 
 def test_health_metrics_and_schema(api: httpx.Client) -> None:
     health = api.get("/healthz").json()
-    assert health["status"] == "ok" and health["schema_revision"] == "0002"
+    assert health["status"] == "ok" and health["schema_revision"] == "0003"
     api.get(f"{V1}/runs")
     text = api.get("/metrics").text
     assert 'ckptd_http_requests_total{method="GET",route="/api/v1/runs",status="200"}' in text

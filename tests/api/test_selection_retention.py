@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from ckptd.api.db import Database
+from ckptd.api.models import Run
 
-from tests.api.conftest import add_checkpoint, make_run
+from tests.api.conftest import LiveServer, add_checkpoint, make_run
 
 V1 = "/api/v1"
 
@@ -88,14 +90,20 @@ def test_gc_preview_and_execution_delete_from_storage_then_mark(api: httpx.Clien
     assert api.get(f"{V1}/runs/{run}/gc").json()["delete"] == []
 
 
-def test_gc_never_deletes_outside_the_run_root(api: httpx.Client, tmp_path: Path) -> None:
+def test_gc_never_deletes_outside_the_run_root(api: httpx.Client, live: LiveServer, tmp_path: Path) -> None:
     run = make_run(api, tmp_path, retention={"keep_last": 1})
     old = add_checkpoint(api, run, 1, root=tmp_path)
     add_checkpoint(api, run, 2, root=tmp_path)
-    # An operator re-points the run root elsewhere: the old location is no longer inside it.
     other = tmp_path / "elsewhere"
-    assert api.patch(f"{V1}/runs/{run}", json={"roots": {"local": str(other)}}).status_code == 200
+    # the run has checkpoints: its root cannot be re-pointed through the API any more ...
+    assert api.patch(f"{V1}/runs/{run}", json={"roots": {"local": str(other)}}).status_code == 409
+    # ... but a catalog written before that rule may hold such a run: GC still refuses
+    db = Database(live.database_url)
+    with db.session() as s:
+        s.get(Run, api.get(f"{V1}/runs/{run}").json()["id"]).roots = {"local": str(other)}  # type: ignore[union-attr]
+    db.dispose()
     result = api.post(f"{V1}/runs/{run}/gc").json()
     assert [e["step"] for e in result["failed"]] == [1] and result["deleted"] == []
     assert (tmp_path / run / "step_0000000001" / "manifest.json").is_file()
-    assert api.get(f"{V1}/checkpoints/{old['id']}").json()["state"] == "deleting"  # retried by the next GC
+    failed = api.get(f"{V1}/checkpoints/{old['id']}").json()
+    assert failed["state"] == "failed" and "GC could not delete" in failed["error"]  # retried by the next GC

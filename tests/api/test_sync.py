@@ -98,7 +98,7 @@ def test_cli_db_upgrade_and_catalog_sync(tmp_path: Path, capsys: pytest.CaptureF
     pytest.importorskip("torch")
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     assert main(["db", "upgrade", "--db", url]) == 0
-    assert "revision 0002" in capsys.readouterr().out
+    assert "revision 0003" in capsys.readouterr().out
     name = unique()
     _write_real_checkpoint(tmp_path / name, 7, 0.25)
     assert main(["catalog", "sync", str(tmp_path / name), "--db", url]) == 0

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,9 @@ def thread_server(database_url: str) -> Iterator[str]:
 
     from tests.uvicorn_thread import serve_in_thread
 
-    url, stop = serve_in_thread(create_app(CatalogSettings(database_url=database_url, api_token=TOKEN)))
+    allow = (tempfile.gettempdir(),)  # where the tests' run roots live
+    settings = CatalogSettings(database_url=database_url, api_token=TOKEN, allow_roots=allow)
+    url, stop = serve_in_thread(create_app(settings))
     try:
         yield url
     finally:
@@ -57,7 +60,12 @@ class ServeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "CKPTD_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"},
+            env={
+                **os.environ,
+                "CKPTD_API_TOKEN": TOKEN,
+                "OMP_NUM_THREADS": "1",
+                "CKPTD_ALLOW_ROOTS": tempfile.gettempdir(),  # where the tests' run roots live
+            },
         )
         self.lines: list[str] = []
         found = threading.Event()
