@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ckptd.converters.dcp_metadata import METADATA_FILE
+from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
 from ckptd.format.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, MetadataError
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, restore
-from ckptd.storage import open_store
 
-from ckptd.converters.dcp_metadata import METADATA_FILE
-from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
+from ckptd.storage import open_store
 
 DATA_FILE = "__0_0.distcp"
 DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION
@@ -40,7 +40,7 @@ def export_dcp(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
-    """Write checkpoint ``step`` (default: latest) of run ``uri`` as a DCP directory ``out``; returns the step."""
+    """Write checkpoint ``step`` (default: latest) of ``uri`` as DCP directory ``out``; returns the step."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,

@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ckptd.converters.dcp_metadata import check_storage_info, planner_paths, read_metadata
+from ckptd.converters.dcp_tree import KeyPath, array_paths, nest
 from ckptd.format.boxes import ShardBox
 from ckptd.format.errors import CheckpointError, IntegrityError, LayoutError, MetadataError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import flatten
 from ckptd.format.writer import CheckpointWriter, WriterReport
-from ckptd.storage import open_store
 
-from ckptd.converters.dcp_metadata import check_storage_info, planner_paths, read_metadata
-from ckptd.converters.dcp_tree import KeyPath, array_paths, nest
+from ckptd.storage import open_store
 
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 

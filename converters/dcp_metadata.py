@@ -75,9 +75,7 @@ def read_metadata(directory: str | Path, *, max_bytes: int = MAX_METADATA_BYTES)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise MetadataError(
-            f"{directory} is not a DCP checkpoint: it has no {METADATA_FILE} file"
-        ) from None
+        raise MetadataError(f"{directory} is not a DCP checkpoint: it has no {METADATA_FILE} file") from None
     if size > max_bytes:
         raise MetadataError(f"{path} is {size} bytes, more than the {max_bytes} a DCP metadata file may have")
     raw = path.read_bytes()

@@ -10,6 +10,7 @@ traversal rules, so a state dict flattened by DCP and one restored by ckptd agre
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ def nest(leaves: Iterable[tuple[KeyPath, Any]]) -> dict[str, Any]:
     root: dict[str, Any] = {}
     for path, value in leaves:
         node: Any = root
-        for key, nxt in zip(path[:-1], path[1:], strict=True):
+        for key, nxt in pairwise(path):
             child: Any = [] if isinstance(nxt, int) else {}
             node = _slot(node, key, child, path)
         _put(node, path[-1], value, path)

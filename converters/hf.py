@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
 from ckptd.format.dtypes import tensor_to_numpy
 from ckptd.format.errors import CheckpointError, CheckpointNotFoundError, IntegrityError, MetadataError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, flatten
 from ckptd.format.writer import CheckpointWriter, WriterReport
-from ckptd.storage import open_store
 
-from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
+from ckptd.storage import open_store
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -62,7 +62,10 @@ def export_hf(
     select: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[int, int]:
-    """Write the weights of checkpoint ``step`` (default: latest) as sharded safetensors; returns (step, files)."""
+    """Write the weights of checkpoint ``step`` (default: latest) as sharded safetensors.
+
+    Returns ``(step, number of files)``.
+    """
     run = Run(open_store(uri, storage_options))
     if step is None:
         step = run.latest()
@@ -80,7 +83,9 @@ def export_hf(
             name = name[len(select) :]
         weights.append((name, str(node["path"])))
     if not weights:
-        raise CheckpointError(f"step {step} of {uri} has no tensors" + (f" under {select!r}" if select else ""))
+        raise CheckpointError(
+            f"step {step} of {uri} has no tensors" + (f" under {select!r}" if select else "")
+        )
     shards = _plan_shards(reader.manifest, weights, max_shard_bytes)
     out = Path(out)
     try:
@@ -228,7 +233,9 @@ def _tensors(file: Path, names: list[str] | None) -> Any:
             wanted = names if names is not None else sorted(keys)
             missing = [n for n in wanted if n not in keys]
             if missing:
-                raise IntegrityError(f"{file} lacks {len(missing)} weights the index lists, e.g. {missing[0]!r}")
+                raise IntegrityError(
+                    f"{file} lacks {len(missing)} weights the index lists, e.g. {missing[0]!r}"
+                )
             for name in wanted:
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as e:

@@ -51,8 +51,9 @@ def export_checkpoint(
         from ckptd.converters.hf import DEFAULT_MAX_SHARD_BYTES, export_hf
 
         limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-        return export_hf(uri, out, step=step, max_shard_bytes=limit, select=select,
-                         storage_options=storage_options)[0]
+        return export_hf(
+            uri, out, step=step, max_shard_bytes=limit, select=select, storage_options=storage_options
+        )[0]
     state: dict[str, Any] = {}
     step = load(state, uri, step=step, storage_options=storage_options)
     out = Path(out)
@@ -85,7 +86,7 @@ def import_checkpoint(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Save a ``torch.save`` file, a safetensors file or directory, or a DCP directory as ``step`` of ``uri``."""
+    """Save a ``torch.save`` or safetensors file, or a DCP or sharded safetensors directory, as ``step``."""
     src = Path(src)
     fmt = fmt or detect_format(src)
     if fmt == "dcp":
@@ -125,7 +126,8 @@ def detect_format(src: Path) -> ExportFormat:
         if (src / "model.safetensors.index.json").exists():
             return "hf"
         raise CheckpointNotFoundError(
-            f"{src} is neither a DCP checkpoint (.metadata) nor sharded safetensors (model.safetensors.index.json)"
+            f"{src} is neither a DCP checkpoint (.metadata) nor sharded safetensors "
+            "(model.safetensors.index.json)"
         )
     if not src.exists():
         raise CheckpointNotFoundError(f"{src} does not exist")

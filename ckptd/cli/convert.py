@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
-        "export", help="write a checkpoint as a torch.save or safetensors file, a DCP or a Hugging Face directory"
+        "export",
+        help="write a checkpoint as a torch.save or safetensors file, a DCP or a Hugging Face directory",
     )
     p.add_argument("uri")
     p.add_argument("out", help="file (torch, safetensors) or directory (dcp, hf)")
@@ -50,11 +51,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default: from the file suffix (.safetensors), else torch)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="hf: largest file, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--select", default=None, help="hf: export only tensors under this prefix, stripped, e.g. model.")
+    p.add_argument(
+        "--select", default=None, help="hf: export only tensors under this prefix, stripped, e.g. model."
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
-        "import", help="save a torch.save (weights only), safetensors, Hugging Face or DCP checkpoint as a checkpoint"
+        "import",
+        help="save a torch.save (weights only), safetensors, Hugging Face or DCP checkpoint as a checkpoint",
     )
     p.add_argument("src", help="a file, a DCP directory or a sharded safetensors directory")
     p.add_argument("uri")
@@ -106,13 +110,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ckptd.converters.interop import ExportFormat, export_checkpoint
-
     from ckptd.converters.hf import parse_size
+    from ckptd.converters.interop import ExportFormat, export_checkpoint
 
     fmt: ExportFormat = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
     limit = parse_size(args.max_shard_size)
-    step = export_checkpoint(args.uri, args.out, fmt=fmt, step=args.step, max_shard_bytes=limit, select=args.select)
+    step = export_checkpoint(
+        args.uri, args.out, fmt=fmt, step=args.step, max_shard_bytes=limit, select=args.select
+    )
     print(f"exported step {step} of {args.uri} to {args.out} ({fmt})")
     return 0
 

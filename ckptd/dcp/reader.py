@@ -18,13 +18,6 @@ import os
 from typing import Any
 
 import torch
-from ckptd.converters.dcp_tree import KeyPath, dcp_leaves, fqn_of
-from ckptd.format.boxes import ShardBox
-from ckptd.format.errors import CheckpointNotFoundError, MetadataError
-from ckptd.format.reader import CheckpointReader
-from ckptd.format.run import Run
-from ckptd.format.tree import TAG, restore
-from ckptd.storage import open_store
 from torch.distributed.checkpoint import storage as dcp_storage
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -35,6 +28,14 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
+
+from ckptd.converters.dcp_tree import KeyPath, dcp_leaves, fqn_of
+from ckptd.format.boxes import ShardBox
+from ckptd.format.errors import CheckpointNotFoundError, MetadataError
+from ckptd.format.reader import CheckpointReader
+from ckptd.format.run import Run
+from ckptd.format.tree import TAG, restore
+from ckptd.storage import open_store
 
 
 class StorageReader(dcp_storage.StorageReader):
@@ -92,7 +93,9 @@ class StorageReader(dcp_storage.StorageReader):
                 state_md[fqn] = BytesStorageMetadata()
         return Metadata(state_dict_metadata=state_md, planner_data=planner_data, storage_data={})
 
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
         if self._reader is None:  # DCP read the metadata on another instance (pickled copy)
             self.read_metadata()
 

@@ -25,6 +25,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import storage as dcp_storage
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.futures import Future
+
 from ckptd.converters.dcp_tree import KeyPath, array_paths, nest
 from ckptd.format.boxes import ShardBox
 from ckptd.format.codecs import CodecSpec
@@ -34,10 +39,6 @@ from ckptd.format.run import Run
 from ckptd.format.tree import flatten, restore
 from ckptd.format.writer import CheckpointWriter, report_from_json, report_to_json
 from ckptd.storage import open_store
-from torch.distributed.checkpoint import storage as dcp_storage
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
-from torch.futures import Future
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 

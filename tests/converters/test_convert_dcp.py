@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from ckptd.converters.dcp_metadata import read_metadata
+from ckptd.format.errors import MetadataError
 
 import ckptd
 from ckptd.cli.main import main
-from ckptd.converters.dcp_metadata import read_metadata
-from ckptd.format.errors import MetadataError
 
 
 def source_state() -> dict[str, Any]:
@@ -128,7 +128,7 @@ def test_hostile_metadata_is_refused_and_never_runs(
     (src / ".metadata").write_bytes(pickle.dumps(doc))
     assert main(["import", "--from", "dcp", str(src), str(tmp_path / "run"), "--step", "1"]) == 2
     err = capsys.readouterr().err
-    module, _, name = kind.rpartition(".")
+    name = kind.rpartition(".")[2]
     assert "refusing to load it" in err and name in err
     assert not marker.exists()
     assert ckptd.open_run(str(tmp_path / "run")).steps() == []

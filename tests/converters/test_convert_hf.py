@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from ckptd.converters.hf import parse_size
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckptd
 from ckptd.cli.main import main
-from ckptd.converters.hf import parse_size
 
 INDEX = "model.safetensors.index.json"
 
@@ -73,7 +73,12 @@ def test_export_without_select_names_every_tensor_by_its_dotted_path(run_root: s
 
 def test_import_round_trip_is_bit_exact(run_root: str, tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    assert main(["export", "--format", "hf", run_root, str(out), "--select", "model.", "--max-shard-size", "3KB"]) == 0
+    assert (
+        main(
+            ["export", "--format", "hf", run_root, str(out), "--select", "model.", "--max-shard-size", "3KB"]
+        )
+        == 0
+    )
     assert main(["import", str(out), str(tmp_path / "again"), "--step", "5"]) == 0
     model: dict[str, Any] = {k: torch.zeros_like(v) for k, v in weights().items()}
     assert ckptd.load(model, str(tmp_path / "again")) == 5
@@ -95,7 +100,12 @@ def test_import_single_hf_safetensors_file(tmp_path: Path) -> None:
 @pytest.fixture()
 def exported(run_root: str, tmp_path: Path) -> Path:
     out = tmp_path / "hf"
-    assert main(["export", "--format", "hf", run_root, str(out), "--select", "model.", "--max-shard-size", "3KB"]) == 0
+    assert (
+        main(
+            ["export", "--format", "hf", run_root, str(out), "--select", "model.", "--max-shard-size", "3KB"]
+        )
+        == 0
+    )
     return out
 
 
@@ -107,20 +117,26 @@ def _import_fails(src: Path, dst: Path, capsys: pytest.CaptureFixture[str]) -> s
     return err
 
 
-def test_missing_shard_is_a_one_line_error(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_shard_is_a_one_line_error(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (exported / "model-00002-of-00003.safetensors").unlink()
     err = _import_fails(exported, tmp_path / "dst", capsys)
     assert "model-00002-of-00003.safetensors is missing" in err
 
 
-def test_corrupt_shard_is_a_one_line_error(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_shard_is_a_one_line_error(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shard = exported / "model-00001-of-00003.safetensors"
     shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])  # header length now absurd
     err = _import_fails(exported, tmp_path / "dst", capsys)
     assert "model-00001-of-00003.safetensors is unreadable" in err
 
 
-def test_index_naming_a_weight_its_shard_lacks(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_naming_a_weight_its_shard_lacks(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = json.loads((exported / INDEX).read_text())
     index["weight_map"]["ghost.weight"] = "model-00001-of-00003.safetensors"
     (exported / INDEX).write_text(json.dumps(index))
@@ -128,7 +144,9 @@ def test_index_naming_a_weight_its_shard_lacks(exported: Path, tmp_path: Path, c
     assert "'ghost.weight'" in err
 
 
-def test_shard_file_names_cannot_leave_the_directory(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shard_file_names_cannot_leave_the_directory(
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index = json.loads((exported / INDEX).read_text())
     index["weight_map"]["norm.scale"] = "../../etc/passwd"
     (exported / INDEX).write_text(json.dumps(index))
@@ -142,11 +160,15 @@ def test_shards_carry_the_format_tag_transformers_requires(exported: Path) -> No
             assert st.metadata()["format"] == "pt"
 
 
-@pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("123", 123)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("123", 123)]
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_bad_max_shard_size_is_a_cli_error(run_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_max_shard_size_is_a_cli_error(
+    run_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["export", "--format", "hf", run_root, str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2
     assert "bad size 'lots'" in capsys.readouterr().err

@@ -79,7 +79,13 @@ def fresh_state() -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
 
 
 def main() -> None:
-    rank, world, port, job, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+    rank, world, port, job, out = (
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        sys.argv[4],
+        Path(sys.argv[5]),
+    )
     store = dist.TCPStore("127.0.0.1", port, None, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:

@@ -93,7 +93,9 @@ def test_dcp_checkpoint_of_fsdp2_job_imports_verifies_and_loads(saved: Path, tmp
 
 
 def test_exported_dcp_loads_into_a_2_rank_fsdp2_model(saved: Path) -> None:
-    assert main(["export", "--format", "dcp", str(saved / "run"), str(saved / "exported"), "--step", "2"]) == 0
+    assert (
+        main(["export", "--format", "dcp", str(saved / "run"), str(saved / "exported"), "--step", "2"]) == 0
+    )
     launch("load_export", saved)
     for rank in (0, 1):
         loaded = torch.load(saved / f"exported_{rank}.pt", weights_only=True)

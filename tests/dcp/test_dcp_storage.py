@@ -74,6 +74,8 @@ def test_non_json_values_are_refused_not_pickled(tmp_path: Path) -> None:
     uri = str(tmp_path / "run")
     state = source_state()
     state["extra"]["obj"] = Opaque()
-    with pytest.raises(CheckpointException, match=r"MetadataError: DCP item 'extra.obj' \(Opaque\) is not JSON-able"):
+    with pytest.raises(
+        CheckpointException, match=r"MetadataError: DCP item 'extra.obj' \(Opaque\) is not JSON-able"
+    ):
         dcp.save(state, storage_writer=ckptd.dcp.StorageWriter(uri, step=1), no_dist=True)
     assert ckptd.open_run(uri).steps() == []
