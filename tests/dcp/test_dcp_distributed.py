@@ -100,3 +100,21 @@ def test_exported_dcp_loads_into_a_2_rank_fsdp2_model(saved: Path) -> None:
     for rank in (0, 1):
         loaded = torch.load(saved / f"exported_{rank}.pt", weights_only=True)
         assert_same(loaded, reference(saved))
+
+
+@pytest.mark.slow
+def test_dcp_backend_example_runs_under_torchrun(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    example = HERE.parents[1] / "examples" / "dcp_backend.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = subprocess.run(
+        [*torchrun, str(example), "--ckpt", str(run), "--steps", "4", "--every", "2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "restored step 4" in out.stdout
+    assert ckptd.open_run(str(run)).steps() == [2, 4]
+    assert main(["verify", str(run), "--all"]) == 0
