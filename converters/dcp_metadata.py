@@ -56,8 +56,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch":
             if name == "Size":
                 return torch.Size
-            value = getattr(torch, name, None)
-            if isinstance(value, torch.dtype):  # DCP pickles dtypes as the attribute torch.float32
+            # DCP pickles dtypes as the attribute torch.float32. vars(), not getattr: torch's
+            # module __getattr__ would import submodules for unknown names.
+            value = vars(torch).get(name)
+            if isinstance(value, torch.dtype):
                 return value
         elif name in _ALLOWED.get(module, frozenset()):
             return super().find_class(module, name)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from ckptd.converters.dcp_import import import_dcp
 from ckptd.converters.dcp_metadata import read_metadata
 from ckptd.format.errors import MetadataError
 
@@ -85,6 +86,15 @@ def test_import_of_dcp_save_output_verifies_and_loads(tmp_path: Path) -> None:
     assert main(["verify", str(tmp_path / "run"), "--step", "8"]) == 0
     state: dict[str, Any] = {}
     assert ckptd.load(state, str(tmp_path / "run")) == 8
+    assert_same(state, source_state())
+
+
+def test_import_holding_one_chunk_at_a_time_is_bit_exact(tmp_path: Path) -> None:
+    dcp.save(source_state(), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    import_dcp(tmp_path / "dcp", str(tmp_path / "run"), step=1, memory_bytes=1)  # flush after every chunk
+    assert ckptd.open_run(str(tmp_path / "run")).verify(1) == []
+    state: dict[str, Any] = {}
+    ckptd.load(state, str(tmp_path / "run"))
     assert_same(state, source_state())
 
 

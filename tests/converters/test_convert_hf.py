@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd.converters.hf import parse_size
+from ckptd.converters.hf import import_safetensors, parse_size
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -85,6 +85,14 @@ def test_import_round_trip_is_bit_exact(run_root: str, tmp_path: Path) -> None:
     for name, t in weights().items():
         assert model[name].dtype == t.dtype and torch.equal(model[name], t)
     assert ckptd.open_run(str(tmp_path / "again")).verify(5) == []
+
+
+def test_import_holding_one_tensor_at_a_time_is_bit_exact(exported: Path, tmp_path: Path) -> None:
+    import_safetensors(exported, str(tmp_path / "again"), step=1, memory_bytes=1)  # flush after each tensor
+    model: dict[str, Any] = {}
+    ckptd.load(model, str(tmp_path / "again"))
+    assert sorted(model) == sorted(weights())
+    assert all(torch.equal(model[k], v) for k, v in weights().items())
 
 
 def test_import_single_hf_safetensors_file(tmp_path: Path) -> None:
