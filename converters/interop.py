@@ -34,6 +34,7 @@ def export_checkpoint(
     storage_options: dict[str, Any] | None = None,
     max_shard_bytes: int | None = None,
     select: str | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write checkpoint ``step`` (default: latest) of run ``uri`` to ``out``; returns the step.
 
@@ -46,7 +47,7 @@ def export_checkpoint(
     if fmt == "dcp":
         from ckptd.converters.dcp_export import export_dcp
 
-        return export_dcp(uri, out, step=step, storage_options=storage_options)
+        return export_dcp(uri, out, step=step, overwrite=overwrite, storage_options=storage_options)
     if fmt == "hf":
         from ckptd.converters.hf import DEFAULT_MAX_SHARD_BYTES, export_hf
 

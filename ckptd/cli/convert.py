@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--select", default=None, help="hf: export only tensors under this prefix, stripped, e.g. model."
     )
+    p.add_argument("--overwrite", action="store_true", help="dcp: replace an existing DCP checkpoint in DIR")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -116,7 +117,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt: ExportFormat = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
     limit = parse_size(args.max_shard_size)
     step = export_checkpoint(
-        args.uri, args.out, fmt=fmt, step=args.step, max_shard_bytes=limit, select=args.select
+        args.uri,
+        args.out,
+        fmt=fmt,
+        step=args.step,
+        max_shard_bytes=limit,
+        select=args.select,
+        overwrite=args.overwrite,
     )
     print(f"exported step {step} of {args.uri} to {args.out} ({fmt})")
     return 0

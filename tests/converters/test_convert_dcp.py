@@ -80,6 +80,17 @@ def test_export_loads_with_dcp_load(tmp_path: Path) -> None:
     assert_same(target, source_state())
 
 
+def test_export_does_not_replace_a_dcp_checkpoint_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckptd.save(source_state(), str(tmp_path / "run"), step=4)
+    args = ["export", "--format", "dcp", str(tmp_path / "run"), str(tmp_path / "dcp")]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds a DCP checkpoint (use --overwrite)" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
 def test_import_of_dcp_save_output_verifies_and_loads(tmp_path: Path) -> None:
     dcp.save(source_state(), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     assert main(["import", "--from", "dcp", str(tmp_path / "dcp"), str(tmp_path / "run"), "--step", "8"]) == 0
