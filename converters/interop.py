@@ -1,9 +1,14 @@
-"""Import from and export to other checkpoint formats: ``torch.save`` files and safetensors.
+"""Import from and export to other checkpoint formats.
 
-Exports materialise the whole state in host memory (these formats have no partial
-writes); use resharding (``reshard``) for bounded-memory work. Imports of ``torch.save``
-files use ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects —
-importing never runs code from the file. DCP is not imported: its metadata is a pickle.
+- ``torch``: one ``torch.save`` file. Export materialises the whole state in host memory;
+  import uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects —
+  importing never runs code from the file.
+- ``safetensors``: one file, every tensor under its array path (export materialises the
+  state; import streams, see ``hf``).
+- ``hf``: Hugging Face sharded safetensors with ``model.safetensors.index.json`` (``hf``),
+  streamed both ways.
+- ``dcp``: a ``torch.distributed.checkpoint`` directory (``dcp_import``/``dcp_export``),
+  streamed; its pickled ``.metadata`` is read with a restricted unpickler.
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from ckptd.format.errors import CheckpointError, MetadataError
+from ckptd.format.errors import CheckpointError, CheckpointNotFoundError, MetadataError
 from ckptd.format.manifest import Manifest
 
 from ckptd.checkpoint_io import load, save
 
-ExportFormat = Literal["torch", "safetensors"]
+ExportFormat = Literal["torch", "safetensors", "dcp", "hf"]
 
 
 def export_checkpoint(
@@ -27,13 +32,29 @@ def export_checkpoint(
     fmt: ExportFormat = "torch",
     step: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    max_shard_bytes: int | None = None,
+    select: str | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write checkpoint ``step`` (default: latest) of run ``uri`` to ``out``; returns the step.
 
     ``torch``: the nested state (tensors and JSON values) as one ``torch.save`` file.
     ``safetensors``: every tensor under its array path (``model/wte.weight``); non-tensor
     values go to the file's string metadata as JSON.
+    ``dcp``: a directory ``torch.distributed.checkpoint.load`` reads at any world size.
+    ``hf``: a directory of sharded safetensors (weights under ``select``, see ``hf.export_hf``).
     """
+    if fmt == "dcp":
+        from ckptd.converters.dcp_export import export_dcp
+
+        return export_dcp(uri, out, step=step, overwrite=overwrite, storage_options=storage_options)
+    if fmt == "hf":
+        from ckptd.converters.hf import DEFAULT_MAX_SHARD_BYTES, export_hf
+
+        limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+        return export_hf(
+            uri, out, step=step, max_shard_bytes=limit, select=select, storage_options=storage_options
+        )[0]
     state: dict[str, Any] = {}
     step = load(state, uri, step=step, storage_options=storage_options)
     out = Path(out)
@@ -53,7 +74,7 @@ def export_checkpoint(
             metadata={"ckptd.step": str(step), "ckptd.values": json.dumps(values, default=str)},
         )
     else:
-        raise CheckpointError(f"unknown export format {fmt!r} (torch or safetensors)")
+        raise CheckpointError(f"unknown export format {fmt!r} (torch, safetensors, dcp or hf)")
     return step
 
 
@@ -66,9 +87,17 @@ def import_checkpoint(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Save the contents of a ``torch.save`` or safetensors file as checkpoint ``step`` of ``uri``."""
+    """Save a ``torch.save`` or safetensors file, or a DCP or sharded safetensors directory, as ``step``."""
     src = Path(src)
-    fmt = fmt or ("safetensors" if src.suffix == ".safetensors" else "torch")
+    fmt = fmt or detect_format(src)
+    if fmt == "dcp":
+        from ckptd.converters.dcp_import import import_dcp
+
+        return import_dcp(src, uri, step=step, overwrite=overwrite, storage_options=storage_options)
+    if fmt in ("hf", "safetensors"):
+        from ckptd.converters.hf import import_safetensors
+
+        return import_safetensors(src, uri, step=step, overwrite=overwrite, storage_options=storage_options)
     state: dict[str, Any]
     if fmt == "torch":
         try:
@@ -78,18 +107,8 @@ def import_checkpoint(
                 f"{src} is not a plain tensor checkpoint (weights_only load refused: {e})"
             ) from e
         state = loaded if isinstance(loaded, dict) else {"value": loaded}
-    elif fmt == "safetensors":
-        from safetensors.torch import load_file
-
-        state = {}
-        for key, t in load_file(str(src)).items():
-            node = state
-            *parents, leaf = key.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = t
     else:
-        raise CheckpointError(f"unknown import format {fmt!r} (torch or safetensors)")
+        raise CheckpointError(f"unknown import format {fmt!r} (torch, safetensors, hf or dcp)")
     return save(
         state,
         uri,
@@ -98,6 +117,22 @@ def import_checkpoint(
         storage_options=storage_options,
         metadata={"imported_from": str(src)},
     )
+
+
+def detect_format(src: Path) -> ExportFormat:
+    """What ``src`` is: a DCP directory, a sharded safetensors directory, or a file by suffix."""
+    if src.is_dir():
+        if (src / ".metadata").exists():
+            return "dcp"
+        if (src / "model.safetensors.index.json").exists():
+            return "hf"
+        raise CheckpointNotFoundError(
+            f"{src} is neither a DCP checkpoint (.metadata) nor sharded safetensors "
+            "(model.safetensors.index.json)"
+        )
+    if not src.exists():
+        raise CheckpointNotFoundError(f"{src} does not exist")
+    return "safetensors" if src.suffix == ".safetensors" else "torch"
 
 
 def _split(node: Any, prefix: str, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:

@@ -36,23 +36,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="write a checkpoint as a torch.save or safetensors file")
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a torch.save or safetensors file, a DCP or a Hugging Face directory",
+    )
     p.add_argument("uri")
-    p.add_argument("out")
+    p.add_argument("out", help="file (torch, safetensors) or directory (dcp, hf)")
     p.add_argument("--step", type=int, default=None, help="default: latest")
     p.add_argument(
         "--format",
-        choices=("torch", "safetensors"),
+        choices=("torch", "safetensors", "dcp", "hf"),
         default=None,
-        help="default: from the file suffix (.safetensors), else torch",
+        help="dcp: torch.distributed.checkpoint directory; hf: sharded safetensors + index "
+        "(default: from the file suffix (.safetensors), else torch)",
     )
+    p.add_argument("--max-shard-size", default="5GB", help="hf: largest file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--select", default=None, help="hf: export only tensors under this prefix, stripped, e.g. model."
+    )
+    p.add_argument("--overwrite", action="store_true", help="dcp: replace an existing DCP checkpoint in DIR")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="save a torch.save (weights only) or safetensors file as a checkpoint")
-    p.add_argument("src")
+    p = sub.add_parser(
+        "import",
+        help="save a torch.save (weights only), safetensors, Hugging Face or DCP checkpoint as a checkpoint",
+    )
+    p.add_argument("src", help="a file, a DCP directory or a sharded safetensors directory")
     p.add_argument("uri")
     p.add_argument("--step", type=int, required=True)
-    p.add_argument("--format", choices=("torch", "safetensors"), default=None)
+    p.add_argument(
+        "--from",
+        "--format",
+        dest="format",
+        choices=("torch", "safetensors", "hf", "dcp"),
+        default=None,
+        help="default: detected (.metadata: dcp; model.safetensors.index.json: hf; file suffix)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import)
 
@@ -92,10 +111,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ckptd.converters.hf import parse_size
     from ckptd.converters.interop import ExportFormat, export_checkpoint
 
     fmt: ExportFormat = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
-    step = export_checkpoint(args.uri, args.out, fmt=fmt, step=args.step)
+    limit = parse_size(args.max_shard_size)
+    step = export_checkpoint(
+        args.uri,
+        args.out,
+        fmt=fmt,
+        step=args.step,
+        max_shard_bytes=limit,
+        select=args.select,
+        overwrite=args.overwrite,
+    )
     print(f"exported step {step} of {args.uri} to {args.out} ({fmt})")
     return 0
 

@@ -1,0 +1,113 @@
+"""Export a ckptd checkpoint as a ``torch.distributed.checkpoint`` directory.
+
+The output has ``FileSystemWriter``'s layout: ``__0_0.distcp`` holding one ``torch.save``
+record per tensor (and per non-tensor value), and ``.metadata``, DCP's pickled
+``Metadata`` naming each record's file, offset and length. Each tensor is stored as one
+whole chunk; ``torch.distributed.checkpoint.load`` reshards on read, so any number of
+ranks in any layout can load it.
+
+Memory stays bounded by the largest tensor: tensors are read and written one at a time.
+Names follow DCP's flattening of the restored nested state (``model.layers.0.weight``),
+so ``dcp.load({"model": model.state_dict()}, ...)`` finds every key.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from ckptd.converters.dcp_metadata import METADATA_FILE
+from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
+from ckptd.format.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, MetadataError
+from ckptd.format.run import Run
+from ckptd.format.tree import TAG, restore
+
+from ckptd.storage import open_store
+
+DATA_FILE = "__0_0.distcp"
+DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION
+
+
+def export_dcp(
+    uri: str,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> int:
+    """Write checkpoint ``step`` (default: latest) of ``uri`` as DCP directory ``out``; returns the step."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    run = Run(open_store(uri, storage_options))
+    if step is None:
+        step = run.latest()
+        if step is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {uri}")
+    reader = run.reader(step)
+    out = Path(out)
+    if (out / METADATA_FILE).exists() and not overwrite:
+        raise CheckpointExistsError(f"{out} already holds a DCP checkpoint (use --overwrite)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out}: {e}") from e
+
+    state_md: dict[str, Any] = {}
+    storage_md: dict[Any, Any] = {}
+    planner_data: dict[str, tuple[str | int, ...]] = {}
+    with open(out / DATA_FILE, "wb") as f:
+        for path, node in dcp_leaves(reader.manifest.state):
+            fqn = fqn_of(path)
+            if fqn in state_md:
+                raise MetadataError(f"two entries of step {step} flatten to the same DCP name {fqn!r}")
+            planner_data[fqn] = path
+            offset = f.tell()
+            if isinstance(node, dict) and node.get(TAG) in ("tensor", "alias"):
+                tensor = reader.read(str(node["path"])).contiguous()
+                torch.save(tensor, f)
+                zeros = torch.Size([0] * tensor.dim())
+                state_md[fqn] = TensorStorageMetadata(
+                    properties=TensorProperties(dtype=tensor.dtype),
+                    size=tensor.size(),
+                    chunks=[ChunkStorageMetadata(offsets=zeros, sizes=tensor.size())],
+                )
+                index = MetadataIndex(fqn, zeros, 0)
+                del tensor
+            else:
+                value = restore(None, node, _no_tensor)
+                buf = io.BytesIO()
+                torch.save(value, buf)
+                f.write(buf.getbuffer())
+                state_md[fqn] = BytesStorageMetadata()
+                index = MetadataIndex(fqn)
+            storage_md[index] = _StorageInfo(DATA_FILE, offset, f.tell() - offset)
+        f.flush()
+        os.fsync(f.fileno())
+    metadata = Metadata(
+        state_dict_metadata=state_md, planner_data=planner_data, storage_data=storage_md, version=DCP_VERSION
+    )
+    # The metadata file appears last and atomically: a crash leaves no loadable half-export.
+    tmp = out / f"{METADATA_FILE}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(metadata, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / METADATA_FILE)
+    return step
+
+
+def _no_tensor(path: str, dest: torch.Tensor | None) -> torch.Tensor:
+    raise MetadataError(f"array {path} sits inside a value DCP stores as one object; cannot export it")
