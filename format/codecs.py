@@ -81,9 +81,8 @@ class CodecSpec:
         if not isinstance(doc, dict):
             raise MetadataError(f"codec description must be an object, got {doc!r}")
         comp, level, shuffle = doc.get("compressor"), doc.get("level"), doc.get("shuffle")
-        if not isinstance(comp, str) or not isinstance(shuffle, str) or not isinstance(level, int) or isinstance(
-            level, bool
-        ):
+        level_ok = isinstance(level, int) and not isinstance(level, bool)
+        if not isinstance(comp, str) or not isinstance(shuffle, str) or not level_ok:
             raise MetadataError(f"malformed codec description {doc!r} (compressor, level, shuffle)")
         try:
             return CodecSpec(comp, level, shuffle)  # type: ignore[arg-type]

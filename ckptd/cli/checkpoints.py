@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ckptd.format.manifest import Manifest
@@ -40,7 +41,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gc", help="delete uncommitted leftovers of crashed saves")
     p.add_argument("uri")
     p.add_argument(
-        "--min-age", type=float, default=3600.0, help="only leftovers untouched for this many seconds"
+        "--min-age", type=float, default=3600.0,
+        help="only attempts whose writer has not touched them (lease, files) for this many seconds "
+             "(default: %(default)s)"
     )
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_gc)
@@ -71,15 +74,24 @@ def _human(n: int) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ckptd.format.errors import CheckpointError, CheckpointNotFoundError
+
     run = _run(args.uri)
+    if "://" not in args.uri and not Path(args.uri).is_dir():
+        raise CheckpointNotFoundError(f"{args.uri} is not a directory (no run root there)")
     rows: list[dict[str, Any]] = []
     for step in run.steps():
-        m = run.manifest(step)
+        try:
+            m = run.manifest(step)
+        except CheckpointError as e:  # one bad manifest must not hide the other checkpoints
+            print(f"ckptd: step {step}: {e}", file=sys.stderr)
+            rows.append({"step": step, "committed": True, "error": str(e)})
+            continue
         rows.append(
             {
                 "step": step,
                 "created_at": m.created_at,
-                "arrays": len(m.arrays),
+                "arrays": m.array_count,
                 "nbytes": m.nbytes,
                 "stored_bytes": m.stored_bytes,
                 "world_size": m.world_size,
@@ -101,6 +113,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if not r["committed"]:
             print(f"{r['step']:>10}  (uncommitted)")
             continue
+        if "error" in r:
+            print(f"{r['step']:>10}  (unreadable: see above)")
+            continue
         print(
             f"{r['step']:>10}  {r['created_at']:<29} {r['arrays']:>6} {_human(r['nbytes']):>10} "
             f"{_human(r['stored_bytes']):>10} {r['world_size']:>5}"
@@ -115,7 +130,8 @@ def summary(m: Manifest) -> dict[str, Any]:
         "created_at": m.created_at,
         "format_version": m.format_version,
         "world_size": m.world_size,
-        "writers": m.writers,
+        "writers": m.writers if m.totals is None else m.writer_count,
+        "attempt": m.attempt or None,
         "mesh": dict(m.mesh),
         "nbytes": m.nbytes,
         "stored_bytes": m.stored_bytes,
@@ -130,7 +146,7 @@ def summary(m: Manifest) -> dict[str, Any]:
                 "nbytes": a.nbytes,
                 "stored_bytes": a.stored_bytes,
                 "codecs": a.codec.label(),
-                "shards": sum(len(part.shards) for part in a.parts),
+                "shards": a.shard_count,
                 "chunks": list(a.parts[0].chunks) if a.parts else [],
             }
             for p, a in sorted(m.arrays.items())
@@ -152,7 +168,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     ratio = m.stored_bytes / m.nbytes if m.nbytes else 1.0
     print(
-        f"  {len(m.arrays)} arrays, {_human(m.nbytes)} logical, "
+        f"  {m.array_count} arrays, {_human(m.nbytes)} logical, "
         f"{_human(m.stored_bytes)} stored ({ratio:.2f}x)"
     )
     if m.metadata:
@@ -181,7 +197,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = 0
     for step in steps:
         m = run.manifest(step)
-        total = sum(1 + len(part.shards) for a in m.arrays.values() for part in a.parts)
+        total = sum(1 + (len(part.shards) if part.listed else part.ncells) for a in m.arrays.values()
+                    for part in a.parts)
         with tqdm(
             total=total,
             desc=f"verify step {step}",
@@ -189,14 +206,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             disable=args.quiet or not sys.stderr.isatty(),
             file=sys.stderr,
         ) as bar:
-            problems = verify(run.checkpoint_store(step), m, progress=bar.update)
+            problems = verify(run.data_store(step, m), m, progress=bar.update)
         for prob in problems:
             print(f"step {step}: CORRUPT {prob.array}: {prob}")
         if problems:
             bad += 1
             print(f"step {step}: {len(problems)} problem(s) found")
         else:
-            print(f"step {step}: ok ({len(m.arrays)} arrays, {_human(m.stored_bytes)} verified)")
+            print(f"step {step}: ok ({m.array_count} arrays, {_human(m.stored_bytes)} verified)")
     return 1 if bad else 0
 
 

@@ -104,7 +104,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     m = result.manifest
     print(
-        f"wrote step {m.step} to {dst.url} for mesh {dict(m.mesh)}: {len(m.arrays)} arrays, "
+        f"wrote step {m.step} to {dst.url} for mesh {dict(m.mesh)}: {m.array_count} arrays, "
         f"{m.stored_bytes} bytes"
     )
     return 0
@@ -133,5 +133,5 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ckptd.converters.interop import import_checkpoint
 
     m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format, overwrite=args.overwrite)
-    print(f"imported {args.src} as step {m.step} of {args.uri}: {len(m.arrays)} arrays, {m.nbytes} bytes")
+    print(f"imported {args.src} as step {m.step} of {args.uri}: {m.array_count} arrays, {m.nbytes} bytes")
     return 0

@@ -43,6 +43,10 @@ from ckptd.storage import open_store
 Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
+ATTEMPT_KEY = "__ckptd_attempt__"
+"""Entry of every rank's plan storage_data naming the save attempt its shards go into (format v2)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ArrayAssignment:
     """What one rank must know to write its chunks of one tensor."""
@@ -80,7 +84,13 @@ class StorageWriter(dcp_storage.StorageWriter):
         self.is_coordinator = True
 
     def _run(self) -> Run:
-        return Run(open_store(self.uri, self.storage_options))
+        # One Run per writer: the coordinator's Run holds the open save attempt (and its lease)
+        # from prepare_global_plan until finish commits it.
+        run: Run | None = getattr(self, "_run_obj", None)
+        if run is None:
+            run = Run(open_store(self.uri, self.storage_options))
+            self._run_obj = run
+        return run
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         # The destination is (uri, step), fixed at construction; a checkpoint_id passed to
@@ -113,21 +123,31 @@ class StorageWriter(dcp_storage.StorageWriter):
         assignments = {
             fqn: ArrayAssignment(names[fqn], shapes[fqn], tuple(sorted(b))) for fqn, b in boxes.items()
         }
-        self._run().prepare(self.step, overwrite=self.overwrite)
+        run = self._run()
+        run.prepare(self.step, overwrite=self.overwrite)
+        attempt = run.open_attempt(self.step)
         return [
             dataclasses.replace(
                 plan,
                 storage_data={
-                    i.index.fqn: assignments[i.index.fqn] for i in plan.items if i.index.fqn in assignments
+                    ATTEMPT_KEY: attempt,
+                    **{i.index.fqn: assignments[i.index.fqn] for i in plan.items
+                       if i.index.fqn in assignments},
                 },
             )
             for plan in plans
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[dcp_storage.WriteResult]]:
-        assignments: dict[str, ArrayAssignment] = plan.storage_data or {}
+        storage_data: dict[str, Any] = dict(plan.storage_data or {})
+        attempt = storage_data.pop(ATTEMPT_KEY, None)
+        if not isinstance(attempt, str):
+            raise LayoutError("the DCP save plan carries no ckptd save attempt "
+                              "(prepare_global_plan did not run)")
+        self._attempt = attempt
+        assignments: dict[str, ArrayAssignment] = storage_data
         writer = CheckpointWriter(
-            self._run().checkpoint_store(self.step),
+            self._run().attempt_store(self.step, attempt),
             rank=self.rank,
             codec=self.codec,
             chunk_bytes=self.chunk_bytes,
@@ -184,7 +204,8 @@ class StorageWriter(dcp_storage.StorageWriter):
                 leaves.append((path, restore(None, values[fqn], _no_tensor)))
         skeleton, _ = flatten(nest(leaves))
         meta = {"written_by": "torch.distributed.checkpoint", **self.metadata}
-        self._run().commit(self.step, reports, state=skeleton, world_size=len(results), metadata=meta)
+        self._run().commit(self.step, reports, state=skeleton, world_size=len(results), metadata=meta,
+                           attempt=self._run().open_attempt(self.step) or getattr(self, "_attempt", None))
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
