@@ -18,9 +18,22 @@ from typing import Any
 
 from ckptd.format.commit import commit, new_attempt
 from ckptd.format.commit_record import ATTEMPT, LEASE_NAME, load_manifest, load_rank_state, meta_key
-from ckptd.format.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, StorageError
+from ckptd.format.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    MetadataError,
+    StorageError,
+)
 from ckptd.format.lease import Lease
-from ckptd.format.manifest import MANIFEST_KEY, Manifest, loads_document, parse, with_context
+from ckptd.format.manifest import (
+    MANIFEST_KEY,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    loads_document,
+    parse,
+    with_context,
+)
 from ckptd.format.reader import CheckpointReader
 from ckptd.format.store import Store
 from ckptd.format.verify import Problem, verify
@@ -92,6 +105,11 @@ class Run:
     def manifest(self, step: int) -> Manifest:
         key = f"{step_dir(step)}/{MANIFEST_KEY}"
         try:
+            # the size first: a hostile or damaged 40 GB manifest must be refused, not read
+            size = self.store.size(key)
+            if size > MAX_MANIFEST_BYTES:
+                raise MetadataError(f"{self.url}/{key} is {size} bytes, larger than the "
+                                    f"{MAX_MANIFEST_BYTES} limit")
             raw = self.store.read(key)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no committed checkpoint at step {step} in {self.url}") from None
