@@ -177,9 +177,7 @@ class ParallelConfig:
         """The layer ranges of this pipeline rank's chunks: model chunks ``pp_rank + j * pp``."""
         counts = self.layers_per_stage(n_layers)
         starts = [sum(counts[:c]) for c in range(len(counts))]
-        return tuple(
-            range(starts[c], starts[c] + counts[c]) for c in range(pp_rank, len(counts), self.pp)
-        )
+        return tuple(range(starts[c], starts[c] + counts[c]) for c in range(pp_rank, len(counts), self.pp))
 
 
 @dataclass(kw_only=True, slots=True)

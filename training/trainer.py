@@ -168,10 +168,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
-    p.add_argument("--stage-layers", default=None, help="layers per pipeline stage (per model chunk with --vpp)")
+    p.add_argument(
+        "--stage-layers", default=None, help="layers per pipeline stage (per model chunk with --vpp)"
+    )
     p.add_argument("--vpp", type=int, default=1, help="virtual stages per rank: interleaved 1F1B (Megatron)")
     p.add_argument("--recompute", action="store_true", help="recompute each block's activations in backward")
-    p.add_argument("--bucket-mb", type=float, default=25.0, help="gradient-reduction bucket size (0: per tensor)")
+    p.add_argument(
+        "--bucket-mb", type=float, default=25.0, help="gradient-reduction bucket size (0: per tensor)"
+    )
     p.add_argument("--steps", type=int, default=50, help="train up to this step")
     p.add_argument("--every", type=int, default=0, help="checkpoint interval in steps (needs --ckpt)")
     p.add_argument("--ckpt", default=None, help="checkpoint run root: resume from its latest, save to it")
@@ -217,8 +221,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             tie_embeddings=not args.untied,
         ),
         parallel=ParallelConfig(
-            tp=args.tp, pp=args.pp, zero_stage=args.zero, schedule=args.schedule, stage_layers=stage_layers,
-            vpp=args.vpp, recompute=args.recompute, bucket_mb=args.bucket_mb,
+            tp=args.tp,
+            pp=args.pp,
+            zero_stage=args.zero,
+            schedule=args.schedule,
+            stage_layers=stage_layers,
+            vpp=args.vpp,
+            recompute=args.recompute,
+            bucket_mb=args.bucket_mb,
         ),
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip or None),
         data=DataConfig(
@@ -266,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Trainer(cfg, ctx)
     trainer.init_weights()
     par = cfg.parallel
-    _say(ctx, f"dp{ctx.dp} tp{ctx.tp} pp{ctx.pp} vpp{par.vpp} ZeRO-{par.zero_stage} {par.schedule}, "
-              f"{trainer.n_micro} micro-batches: pipeline bubble {trainer.bubble:.1%} of compute")  # fmt: skip
+    layout = f"dp{ctx.dp} tp{ctx.tp} pp{ctx.pp} vpp{par.vpp} ZeRO-{par.zero_stage} {par.schedule}"
+    _say(ctx, f"{layout}, {trainer.n_micro} micro-batches: pipeline bubble {trainer.bubble:.1%} of compute")
     log = open(cfg.log_json, "a", encoding="utf-8") if cfg.log_json and ctx.rank == 0 else None  # noqa: SIM115
     try:
         ckpt = None

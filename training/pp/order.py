@@ -60,10 +60,8 @@ def interleaved_order(pp: int, rank: int, n_micro: int, vpp: int) -> list[Op]:
         micro = (k // (pp * vpp)) * pp + k % pp
         return Op("F", chunk, micro) if forward else Op("B", vpp - 1 - chunk, micro)
 
-    if n_micro == pp:
-        warmup = total  # Megatron: with one group, every forward runs first
-    else:
-        warmup = min(2 * (pp - rank - 1) + (vpp - 1) * pp, total)
+    # Megatron: with a single group of pp micro-batches every forward runs first.
+    warmup = total if n_micro == pp else min(2 * (pp - rank - 1) + (vpp - 1) * pp, total)
     ops = [at(k, True) for k in range(warmup)]
     for i in range(total - warmup):
         ops += [at(warmup + i, True), at(i, False)]

@@ -118,7 +118,8 @@ class GradBuckets:
         if self.scatter:
             # Packed layout per member: (dp, its width); side by side, rank r's block is row r.
             rows = [
-                st.shards.pack_all(g).reshape(self.dp, -1) for st, g in zip(bucket.members, grads, strict=True)
+                st.shards.pack_all(g).reshape(self.dp, -1)
+                for st, g in zip(bucket.members, grads, strict=True)
             ]
             flat = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0].contiguous()
         else:

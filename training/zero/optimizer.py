@@ -148,7 +148,9 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     def _make_sharded(self, name: str, param: nn.Parameter) -> ShardedParam:
         st = self.states[name]
-        return ShardedParam(param, st.shards, self.ctx.dp_group, lambda g: self.buckets.add(st, g), self._zero3)
+        return ShardedParam(
+            param, st.shards, self.ctx.dp_group, lambda g: self.buckets.add(st, g), self._zero3
+        )
 
     def _grad_hook(self, st: ParamState) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:

@@ -96,7 +96,9 @@ class ShardedParam:
     def start_gather(self) -> None:
         """Launch the all-gather asynchronously; :meth:`gather_full` picks the result up."""
         own = self._packed_own()
-        out = torch.empty((self.shards.parts * own.shape[0], *own.shape[1:]), dtype=own.dtype, device=own.device)
+        out = torch.empty(
+            (self.shards.parts * own.shape[0], *own.shape[1:]), dtype=own.dtype, device=own.device
+        )
         work = None
         if self.group is None:
             out.copy_(own)
@@ -237,4 +239,5 @@ def _unpack(saved: Any) -> torch.Tensor:
     if isinstance(saved, torch.Tensor):
         return saved
     sp, shape, stride, offset = saved
-    return sp.regather().as_strided(shape, stride, offset)
+    full: torch.Tensor = sp.regather()
+    return full.as_strided(shape, stride, offset)
