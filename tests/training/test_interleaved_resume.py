@@ -23,7 +23,7 @@ from test_checkpointing import MODEL, checkpoint, committed, crash, finish, loss
 
 import ckptd
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # about 150 s per fixture on 2 cores
 
 LAYERS = ["--layers", "4"]
 SAVED_AT, UNTIL = 3, 5

@@ -200,6 +200,8 @@ class ZeroAdamW(torch.optim.Optimizer):
     def step(self, closure: None = None) -> float:  # type: ignore[override]
         """Reduce gradients, clip, update the fp32 masters, refresh the compute weights. Returns the norm."""
         self.buckets.finish()
+        if self.zero_stage == 3:
+            self._zero3.drop_pending()
         self._sum_tied()
         norm = self.grad_norm()
         clip = 1.0

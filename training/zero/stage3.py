@@ -158,6 +158,10 @@ class Zero3Runtime:
                 sp.start_gather()
             self._pending = list(self.order[index])
 
+    def drop_pending(self) -> None:
+        """Before the weights change (optimizer step): a prefetch made now would be stale."""
+        self.prefetch(len(self.order))
+
     def consumed(self, sps: list[ShardedParam]) -> None:
         self._pending = [sp for sp in self._pending if sp not in sps]
 
