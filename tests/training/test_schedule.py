@@ -13,6 +13,7 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
+from ckptd.training import trainer as trainer_mod
 from ckptd.training.config import ParallelConfig, TrainingConfigError
 from ckptd.training.pp import Op, rank_order, simulate
 from ckptd.training.pp.order import last_backwards
@@ -91,3 +92,9 @@ def test_interleaved_chunks_are_non_contiguous() -> None:
     assert cfg.rank_chunks(8, 0) == (range(0, 2), range(4, 6))
     assert cfg.rank_chunks(8, 1) == (range(2, 4), range(6, 8))
     assert ParallelConfig(pp=2).rank_chunks(4, 1) == (range(2, 4),)
+
+
+def test_trainer_refuses_more_chunks_than_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert trainer_mod.main(["--pp", "2", "--vpp", "3", "--layers", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "asks for 6 model chunks but the model has 4 layers: use --vpp 2 or fewer" in err
