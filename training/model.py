@@ -167,8 +167,11 @@ class GPTStage(nn.Module):
         for i in self.chunks[chunk]:
             block = self.blocks[str(i)]
             if self.recompute and torch.is_grad_enabled():
-                # Keep only the block's input; its activations are recomputed in backward.
-                x = checkpoint(block, x, use_reentrant=False)
+                # Keep only the block's input; its activations are recomputed in backward. The
+                # reentrant form recomputes *and* back-propagates the block inside one backward
+                # call, so the recomputed graph (ZeRO-3's gathered weights included) is freed
+                # right after; the non-reentrant form keeps it reachable until a GC cycle runs.
+                x = checkpoint(block, x, use_reentrant=True)
             else:
                 x = block(x)
         if chunk == len(self.chunks) - 1 and self.final_norm is not None and self.head is not None:

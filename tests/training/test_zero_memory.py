@@ -38,15 +38,18 @@ def test_zero3_peak_parameter_bytes_stay_near_one_dp_share(world4: dict[str, Res
     assert max(stage3["param_bytes_peak"]) < model / 2
 
 
-def _train_once(regather: bool) -> tuple[int, int, dict[str, torch.Tensor]]:
+def _train_once(regather: bool, recompute: bool = False) -> tuple[int, int, dict[str, torch.Tensor]]:
     cfg = train_config({"layers": 8, "zero": 3})
     ctx = ParallelContext()
-    stage = GPTStage(cfg.model, ctx, layers=range(8), dtype=torch.float32)
+    stage = GPTStage(cfg.model, ctx, layers=range(8), dtype=torch.float32, recompute=recompute)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in stage.parameters():
             p.normal_(0.0, 0.02)
-    opt = ZeroAdamW(stage, stage.param_metas(), ctx, cfg.optim, zero_stage=3, regather=lambda _: regather)
+    opt = ZeroAdamW(
+        stage, stage.param_metas(), ctx, cfg.optim, zero_stage=3,
+        regather=lambda module: regather and not stage.recomputed(module),
+    )  # fmt: skip
     tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1))
     opt.meter.reset_peak()
     loss = stage.loss(stage(tokens[:, :-1]), tokens[:, 1:])
@@ -64,5 +67,9 @@ def test_regathering_frees_weights_between_forward_and_backward() -> None:
     # Without re-gathering, the saved weights of all 8 layers are alive together at the turn.
     assert kept_peak >= fixed + 8 * block
     assert regather_peak <= fixed + 2 * block
+    # Recomputed blocks gather again in backward and free the weights with the recomputed graph.
+    _, recompute_peak, recompute_grads = _train_once(regather=True, recompute=True)
+    assert recompute_peak <= fixed + 2 * block
     for name, g in kept_grads.items():  # the re-gathered weights give the very same gradients
         assert torch.equal(regather_grads[name], g), name
+        assert torch.equal(recompute_grads[name], g), name
