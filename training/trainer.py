@@ -257,6 +257,10 @@ def _init_distributed(cfg: TrainConfig) -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if device.type == "cuda" and cfg.parallel.vpp > 1 and cfg.parallel.pp == 2:
+        # At pp 2 one rank pair carries activations and gradients in the same direction; they are
+        # told apart by tag, which NCCL ignores (it matches in order). See pp/schedule.py.
+        raise TrainingConfigError("--vpp > 1 with --pp 2 needs gloo (CPU): use --pp 3 or more on GPUs")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device

@@ -9,8 +9,10 @@ end of the step) and receives block, so a rank waits only for real data dependen
 orders have no cycle among those (:mod:`ckptd.training.pp.simulate` checks it), hence no
 deadlock. Every message carries a tag naming (kind, model chunk, micro-batch): with
 interleaving two ranks exchange activations *and* gradients in the same direction, in
-orders that differ, and gloo matches a receive to the send of the same tag.
-(NCCL ignores tags and matches in order: interleaving there is untested.)
+orders that differ, and gloo matches a receive to the send of the same tag. NCCL ignores
+tags and matches in order; that is still right from pp 3 on, where every ordered rank pair
+carries one kind of message, in the same order on both sides — so the trainer refuses
+interleaving at pp 2 on GPUs. (Interleaving on NCCL has not run yet: no GPU so far.)
 
 Before each backward the schedule tells the gradient reducer which chunk runs and whether
 this is the chunk's last backward of the step, so reduction can start while later chunks
