@@ -1,8 +1,10 @@
 """Trainer throughput on one CUDA GPU, with and without ckptd checkpoints (issue 4).
 
 A ~355M-parameter GPT (24 layers, width 1024, 16 heads, vocabulary 50304 tied, sequence 1024,
-global batch 16 x 1024 tokens in 2 micro-batches), world size 1, bf16 compute with fp32
-master weights and Adam moments — the bundled trainer exactly as ``ckptd train`` runs it.
+global batch 16 x 1024 tokens in 2 micro-batches), world size 1 (an NCCL process group of one
+rank), bf16 compute with fp32 master weights and Adam moments, the 1F1B schedule and bucketed
+gradient reduction — the bundled trainer exactly as ``ckptd train`` runs it (``--zero``,
+``--recompute`` and ``--bucket-mb`` as in the trainer).
 One process, one run, phases in this order so drift shows up:
 
 1. ``warmup``: a few steps (kernels, allocator), not measured;
@@ -13,13 +15,17 @@ One process, one run, phases in this order so drift shows up:
    then the time until the last checkpoint is durable;
 5. ``baseline_again``: N steps without checkpoints.
 
-Overhead = 1 - tokens/s(checkpointed) / tokens/s(mean of both baselines). MFU counts 6 FLOPs per
+Overhead = 1 - tokens/s(checkpointed) / tokens/s(mean of both baselines); per checkpoint, the
+checkpointed phase's extra seconds over the baselines' median step time, divided by the number of
+checkpoints taken. Peak memory is ``torch.cuda.max_memory_allocated`` per phase (CPU: the
+process's peak RSS) and the trainer's count of parameter bytes. MFU counts 6 FLOPs per
 parameter per token for every matmul weight (the tied embedding once, as the output head) plus
 12 * layers * width * sequence for attention; the peak is the dense bf16 figure of the GPU
 (``--peak-tflops`` overrides). ``ckpt_block_ms`` is host time in ``ckpt.step()``; on CUDA the
 optimizer's wait for the copies is on the GPU and shows up only in tokens/s.
 
-    python benchmarks/train_gpu.py [--smoke] [--steps 60] [--dir /tmp/ckptd-train-gpu] [--out DIR]
+    python benchmarks/train_gpu.py [--smoke] [--steps 60] [--recompute] [--zero 1] [--bucket-mb 25]
+                                   [--dir /tmp/ckptd-train-gpu] [--out DIR]
 
 ``--smoke`` runs a tiny model on CPU in seconds (keeps the script exercised without a GPU).
 Prints JSON lines; writes ``train-gpu-<stamp>.json`` (or ``train-smoke-...``) with the machine.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -39,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ckptd.training.checkpoint import TrainerCheckpoint
-from ckptd.training.config import DataConfig, ModelConfig, OptimConfig
+from ckptd.training.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import TrainConfig, Trainer
 from machine import describe
@@ -53,14 +61,16 @@ PEAK_BF16_TFLOPS = {
 """Dense bf16 tensor-core peaks (no sparsity), by a substring of the device name; first match wins."""
 
 
-def config(smoke: bool) -> TrainConfig:
+def config(smoke: bool, args: argparse.Namespace) -> TrainConfig:
     if smoke:
         model = ModelConfig(vocab_size=256, n_layers=2, d_model=64, n_heads=4, max_seq_len=32)
         data = DataConfig(seq_len=32, global_batch=8, micro_batch=4)
     else:
         model = ModelConfig(vocab_size=50304, n_layers=24, d_model=1024, n_heads=16, max_seq_len=1024)
         data = DataConfig(seq_len=1024, global_batch=16, micro_batch=8)
-    return TrainConfig(model=model, data=data, optim=OptimConfig(lr=3e-4, warmup_steps=10), dtype="auto")
+    parallel = ParallelConfig(zero_stage=args.zero, recompute=args.recompute, bucket_mb=args.bucket_mb)
+    return TrainConfig(model=model, data=data, parallel=parallel, optim=OptimConfig(lr=3e-4, warmup_steps=10),
+                       dtype="auto")  # fmt: skip
 
 
 def flops_per_token(cfg: TrainConfig) -> float:
@@ -84,6 +94,9 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 def phase(trainer: Trainer, steps: int, ckpt: TrainerCheckpoint | None) -> dict[str, Any]:
     """``steps`` optimizer steps; wall time includes ``ckpt.step()`` at every boundary."""
     times, blocks, saved = [], [], []
+    device = trainer.ctx.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_all = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -99,7 +112,16 @@ def phase(trainer: Trainer, steps: int, ckpt: TrainerCheckpoint | None) -> dict[
     tokens = steps * trainer.cfg.data.global_batch * trainer.cfg.data.seq_len
     return {"steps": steps, "seconds": wall, "tokens_per_s": tokens / wall,
             "step_ms_median": statistics.median(times) * 1e3, "step_ms_max": max(times) * 1e3,
-            "checkpoints_at": saved, "ckpt_block_ms": blocks, "loss": r.loss}  # fmt: skip
+            "checkpoints_at": saved, "ckpt_block_ms": blocks, "loss": r.loss,
+            "peak_mem_mib": _peak_mem(device) / 2**20,
+            "param_bytes_peak": trainer.optimizer.meter.peak}  # fmt: skip
+
+
+def _peak_mem(device: torch.device) -> float:
+    """Bytes: the phase's peak allocated on CUDA, else the process's peak resident set so far."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def main() -> int:
@@ -111,6 +133,9 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="checkpoint run root (default: a fresh temporary directory)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; smoke: temp)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    ap.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage (dp is 1 here)")
+    ap.add_argument("--recompute", action="store_true", help="recompute each block's activations in backward")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="gradient-reduction bucket size")
     args = ap.parse_args()
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
@@ -123,7 +148,10 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = config(smoke)
+        # A one-rank NCCL group, as a distributed launch has (a world of one sends nothing).
+        store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+        dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    cfg = config(smoke, args)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ckptd-train-gpu-"))
     shutil.rmtree(root, ignore_errors=True)
     results: list[dict[str, Any]] = []
@@ -143,7 +171,9 @@ def main() -> int:
         return tps * fpt / peak if peak else None
 
     emit({"what": "setup", "params": n_params, "flops_per_token": fpt, "peak_flops": peak,
-          "device": str(device), "compute_dtype": str(trainer.dtype),
+          "device": str(device), "compute_dtype": str(trainer.dtype), "schedule": cfg.parallel.schedule,
+          "backend": dist.get_backend() if dist.is_initialized() else None, "zero": cfg.parallel.zero_stage,
+          "recompute": cfg.parallel.recompute, "bucket_mb": cfg.parallel.bucket_mb,
           "seconds": time.perf_counter() - t_start})  # fmt: skip
     phase(trainer, warmup, None)
     base1 = phase(trainer, steps, None)
@@ -166,6 +196,9 @@ def main() -> int:
     base2 = phase(trainer, steps, None)
     emit({"what": "baseline_again", **base2, "mfu": mfu(base2["tokens_per_s"])})
     base_tps = (base1["tokens_per_s"] + base2["tokens_per_s"]) / 2
+    base_step_s = statistics.median([base1["step_ms_median"], base2["step_ms_median"]]) / 1e3
+    extra_s = with_ckpt["seconds"] - base_step_s * steps
+    n_ckpt = max(1, len(with_ckpt["checkpoints_at"]))
     summary = {
         "what": "summary",
         "params": n_params,
@@ -175,6 +208,9 @@ def main() -> int:
         "mfu_baseline": mfu(base_tps),
         "mfu_checkpointed": mfu(with_ckpt["tokens_per_s"]),
         "ckpt_block_ms_median": statistics.median(with_ckpt["ckpt_block_ms"] or [0.0]),
+        "per_checkpoint_overhead_ms": extra_s / n_ckpt * 1e3,
+        "peak_mem_mib": max(base1["peak_mem_mib"], with_ckpt["peak_mem_mib"], base2["peak_mem_mib"]),
+        "param_bytes_peak": with_ckpt["param_bytes_peak"],
         "checkpoint_bytes": ckpt_bytes,
         "every": every,
         "total_s": time.perf_counter() - t_start,
@@ -189,6 +225,8 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump({"args": vars(args), "machine": describe(), "results": results}, f, indent=1)
     print(json.dumps({"what": "written", "path": str(path)}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

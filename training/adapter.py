@@ -87,8 +87,16 @@ class GPTStateAdapter:
     compute weights are re-gathered from the loaded master shards).
     """
 
-    def __init__(self, optimizer: ZeroAdamW, ctx: ParallelContext, *, tied_embeddings: bool) -> None:
-        self.optimizer, self.ctx, self.tied = optimizer, ctx, tied_embeddings
+    def __init__(
+        self,
+        optimizer: ZeroAdamW,
+        ctx: ParallelContext,
+        *,
+        tied_embeddings: bool,
+        chunks: tuple[range, ...] | None = None,
+    ) -> None:
+        """``chunks``: this rank's layer ranges under interleaved 1F1B, recorded in the layouts."""
+        self.optimizer, self.ctx, self.tied, self.chunks = optimizer, ctx, tied_embeddings, chunks
 
     @property
     def mesh(self) -> Mesh:
@@ -186,7 +194,22 @@ class GPTStateAdapter:
             replicated=tuple(replicated),
             padded=((0, piece.padded_rows),) if piece.padded_rows is not None else (),
             fused=fused,
+            extra=self._interleaving(meta.name),
         )
+
+    def _interleaving(self, name: str) -> dict[str, int]:
+        """With interleaved 1F1B: ``vpp`` and the model chunk (``pp_rank + j * pp``) using the tensor.
+
+        Informational: the stored tensors are canonical, so any pp/vpp split restores them."""
+        if self.chunks is None:
+            return {}
+        j = 0
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1])
+            j = next(i for i, r in enumerate(self.chunks) if layer in r)
+        elif name.split(".")[0] not in ("embed", "pos"):
+            j = len(self.chunks) - 1
+        return {"vpp": len(self.chunks), "model_chunk": self.ctx.pp_rank + j * self.ctx.pp}
 
     def _box(self, st: ParamState, i: int) -> ShardBox:
         """This rank's box: its tp block, then its ZeRO rows inside it, clipped to the unpadded size."""

@@ -83,19 +83,34 @@ class ParallelConfig:
     schedule: Schedule = "1f1b"
     stage_layers: tuple[int, ...] | None = None
     """Layers per pipeline stage (uneven splits); None splits as evenly as possible."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (Megatron's interleaved 1F1B): each rank holds ``vpp``
+    non-contiguous layer chunks; chunk ``c`` of the ``pp * vpp`` model chunks is on rank ``c % pp``."""
+    recompute: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them."""
+    bucket_mb: float = 25.0
+    """Gradient-reduction bucket size in MiB (0: one parameter per bucket)."""
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise TrainingConfigError(f"--tp and --pp must be at least 1, got tp={self.tp} pp={self.pp}")
+        if self.vpp < 1:
+            raise TrainingConfigError(f"--vpp must be at least 1, got {self.vpp}")
+        if self.vpp > 1 and (self.pp < 2 or self.schedule != "1f1b"):
+            raise TrainingConfigError(
+                f"--vpp {self.vpp} interleaves pipeline stages: it needs --pp 2 or more and --schedule 1f1b"
+            )
+        if self.bucket_mb < 0:
+            raise TrainingConfigError(f"--bucket-mb must be >= 0, got {self.bucket_mb}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise TrainingConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.schedule not in ("gpipe", "1f1b"):
             raise TrainingConfigError(f"pipeline schedule must be 'gpipe' or '1f1b', got {self.schedule!r}")
         if self.stage_layers is not None:
-            if len(self.stage_layers) != self.pp:
+            if len(self.stage_layers) != self.pp * self.vpp:
                 raise TrainingConfigError(
                     f"stage_layers {self.stage_layers} lists {len(self.stage_layers)} stages "
-                    f"but --pp is {self.pp}"
+                    f"but --pp * --vpp is {self.pp * self.vpp}"
                 )
             if any(n < 1 for n in self.stage_layers):
                 raise TrainingConfigError(
@@ -108,6 +123,11 @@ class ParallelConfig:
             raise TrainingConfigError(
                 f"--pp {self.pp} asks for more pipeline stages than the model has layers ({model.n_layers}): "
                 f"use --pp {model.n_layers} or fewer, or a deeper model"
+            )
+        if self.pp * self.vpp > model.n_layers:
+            raise TrainingConfigError(
+                f"--pp {self.pp} x --vpp {self.vpp} asks for {self.pp * self.vpp} model chunks but the model "
+                f"has {model.n_layers} layers: use --vpp {max(1, model.n_layers // self.pp)} or fewer"
             )
         if self.stage_layers is not None and sum(self.stage_layers) != model.n_layers:
             raise TrainingConfigError(
@@ -132,16 +152,32 @@ class ParallelConfig:
             )
         return world_size // mp
 
+    def check_micro_batches(self, n_micro: int) -> None:
+        """Interleaving runs micro-batches in groups of pp (Megatron's schedule)."""
+        if self.vpp > 1 and n_micro % self.pp:
+            raise TrainingConfigError(
+                f"--vpp {self.vpp} needs the micro-batches per rank ({n_micro}) to be a multiple of --pp "
+                f"{self.pp}: change --global-batch or --micro-batch"
+            )
+
     def layers_per_stage(self, n_layers: int) -> tuple[int, ...]:
+        """Layers of each of the ``pp * vpp`` model chunks, in model order."""
         if self.stage_layers is not None:
             return self.stage_layers
-        base, extra = divmod(n_layers, self.pp)
-        # Extra layers go to the middle stages: the first and last also hold embedding and head.
-        order = sorted(range(self.pp), key=lambda s: (s in (0, self.pp - 1), s))
-        counts = [base] * self.pp
+        chunks = self.pp * self.vpp
+        base, extra = divmod(n_layers, chunks)
+        # Extra layers go to the middle chunks: the first and last also hold embedding and head.
+        order = sorted(range(chunks), key=lambda s: (s in (0, chunks - 1), s))
+        counts = [base] * chunks
         for s in order[:extra]:
             counts[s] += 1
         return tuple(counts)
+
+    def rank_chunks(self, n_layers: int, pp_rank: int) -> tuple[range, ...]:
+        """The layer ranges of this pipeline rank's chunks: model chunks ``pp_rank + j * pp``."""
+        counts = self.layers_per_stage(n_layers)
+        starts = [sum(counts[:c]) for c in range(len(counts))]
+        return tuple(range(starts[c], starts[c] + counts[c]) for c in range(pp_rank, len(counts), self.pp))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,8 +1,9 @@
 """The GPT, built as the pipeline stage one rank runs, with tensor-parallel layers.
 
-A stage holds the token and position embeddings (first stage), its contiguous range of
-transformer blocks (named by *global* layer index, so names do not depend on the split),
-and the final norm and output head (last stage). With tied embeddings and more than one
+A stage holds the token and position embeddings (first stage), its range of transformer
+blocks (named by *global* layer index, so names do not depend on the split) — or, with
+interleaved 1F1B, several non-contiguous ranges ("chunks", run one at a time) — and the final
+norm and output head (last stage). With tied embeddings and more than one
 stage, the last stage holds a copy of the token embedding (Megatron-style) whose gradient
 is summed with the first stage's before the optimizer step.
 
@@ -27,6 +28,7 @@ from ckptd.training.tp import (
     vocab_parallel_cross_entropy,
 )
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.Module):
@@ -117,9 +119,19 @@ class PositionEmbedding(nn.Module):
 class GPTStage(nn.Module):
     """The layers of one pipeline stage on one tp rank."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, *, layers: range, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ctx: ParallelContext,
+        *,
+        layers: range | tuple[range, ...],
+        dtype: torch.dtype,
+        recompute: bool = False,
+    ) -> None:
         super().__init__()
-        self.cfg, self.ctx, self.layers = cfg, ctx, layers
+        self.cfg, self.ctx, self.recompute = cfg, ctx, recompute
+        self.chunks: tuple[range, ...] = (layers,) if isinstance(layers, range) else tuple(layers)
+        """Layer ranges of this rank's model chunks (several with interleaved 1F1B)."""
         self.padded_vocab = cfg.padded_vocab(ctx.tp, ctx.dp)
         self.local_vocab = self.padded_vocab // ctx.tp
         self.vocab_start = ctx.tp_rank * self.local_vocab
@@ -136,7 +148,7 @@ class GPTStage(nn.Module):
                 device=dev,
             )
             self.pos = PositionEmbedding(cfg.max_seq_len, cfg.d_model, dtype=dtype, device=dev)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, ctx, dtype) for i in layers})
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, ctx, dtype) for r in self.chunks for i in r})
         self.final_norm: LayerNorm | None = None
         self.head: ColumnParallelLinear | None = None
         if ctx.is_last_stage:
@@ -147,15 +159,35 @@ class GPTStage(nn.Module):
             if cfg.tie_embeddings and self.embed is not None:
                 self.head.weight = self.embed.weight  # one Parameter, registered in both modules
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids (first stage) or hidden states in; hidden states or vocab-parallel logits out."""
-        if self.embed is not None and self.pos is not None:
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Token ids (first chunk of the model) or hidden states in; hidden states or vocab-parallel
+        logits (last chunk of the model) out."""
+        if chunk == 0 and self.embed is not None and self.pos is not None:
             x = self.embed(x) + self.pos(x.shape[1])
-        for block in self.blocks.values():
-            x = block(x)
-        if self.final_norm is not None and self.head is not None:
+        for i in self.chunks[chunk]:
+            block = self.blocks[str(i)]
+            if self.recompute and torch.is_grad_enabled():
+                # Keep only the block's input; its activations are recomputed in backward. The
+                # reentrant form recomputes *and* back-propagates the block inside one backward
+                # call, so the recomputed graph (ZeRO-3's gathered weights included) is freed
+                # right after; the non-reentrant form keeps it reachable until a GC cycle runs.
+                x = checkpoint(block, x, use_reentrant=True)
+            else:
+                x = block(x)
+        if chunk == len(self.chunks) - 1 and self.final_norm is not None and self.head is not None:
             x = self.head(self.final_norm(x))
         return x
+
+    def chunk_of(self, name: str) -> int:
+        """Which of this rank's chunks uses parameter ``name`` (gradients are ready per chunk)."""
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1])
+            return next(c for c, r in enumerate(self.chunks) if layer in r)
+        return 0 if name.split(".")[0] in ("embed", "pos") else len(self.chunks) - 1
+
+    def recomputed(self, module_name: str) -> bool:
+        """Whether the module runs inside a recomputed block (its saved tensors are not kept)."""
+        return self.recompute and module_name.startswith("blocks.")
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(

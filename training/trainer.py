@@ -38,7 +38,7 @@ from ckptd.training.config import (
 from ckptd.training.data import TokenSource
 from ckptd.training.mesh import ParallelContext, all_reduce
 from ckptd.training.model import GPTStage, canonical_init
-from ckptd.training.pp import PipelineSchedule
+from ckptd.training.pp import PipelineSchedule, bubble_fraction
 from ckptd.training.zero import ZeroAdamW
 
 from ckptd.engine.checkpointer import SIGTERM_EXIT_CODE
@@ -98,20 +98,32 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: ParallelContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         cfg.parallel.check_world(ctx.world_size)
+        par = cfg.parallel
         self.n_micro = cfg.data.micro_batches(ctx.dp)
-        counts = cfg.parallel.layers_per_stage(cfg.model.n_layers)
-        first = sum(counts[: ctx.pp_rank])
+        par.check_micro_batches(self.n_micro)
         self.dtype = cfg.compute_dtype(ctx.device)
         self.stage = GPTStage(
-            cfg.model, ctx, layers=range(first, first + counts[ctx.pp_rank]), dtype=self.dtype
+            cfg.model,
+            ctx,
+            layers=par.rank_chunks(cfg.model.n_layers, ctx.pp_rank),
+            dtype=self.dtype,
+            recompute=par.recompute,
         )
-        metas = self.stage.param_metas()
-        self.optimizer = ZeroAdamW(self.stage, metas, ctx, cfg.optim, zero_stage=cfg.parallel.zero_stage)
-        self.adapter = GPTStateAdapter(self.optimizer, ctx, tied_embeddings=cfg.model.tie_embeddings)
+        stage = self.stage
+        self.optimizer = ZeroAdamW(
+            stage, stage.param_metas(), ctx, cfg.optim, zero_stage=par.zero_stage, bucket_mb=par.bucket_mb,
+            chunk_of=stage.chunk_of, regather=lambda module: not stage.recomputed(module),
+        )  # fmt: skip
+        self.adapter = GPTStateAdapter(
+            self.optimizer, ctx, tied_embeddings=cfg.model.tie_embeddings,
+            chunks=par.rank_chunks(cfg.model.n_layers, ctx.pp_rank) if par.vpp > 1 else None,
+        )  # fmt: skip
         act_shape = (cfg.data.micro_batch, cfg.data.seq_len, cfg.model.d_model)
         self.schedule = PipelineSchedule(
-            self.stage, ctx, kind=cfg.parallel.schedule, act_shape=act_shape, dtype=self.dtype
+            stage, ctx, kind=par.schedule, act_shape=act_shape, dtype=self.dtype, reducer=self.optimizer
         )
+        self.bubble = bubble_fraction(par.schedule, ctx.pp, self.n_micro, par.vpp)
+        """Idle fraction of the pipeline schedule (unit costs, backward = 2 x forward)."""
         self.data = TokenSource(cfg.data, cfg.model.vocab_size)
         self.step = 0
         """Optimizer steps taken so far (the next step trains on global samples of this index)."""
@@ -156,7 +168,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
-    p.add_argument("--stage-layers", default=None, help="layers per pipeline stage, e.g. 1,3")
+    p.add_argument(
+        "--stage-layers", default=None, help="layers per pipeline stage (per model chunk with --vpp)"
+    )
+    p.add_argument("--vpp", type=int, default=1, help="virtual stages per rank: interleaved 1F1B (Megatron)")
+    p.add_argument("--recompute", action="store_true", help="recompute each block's activations in backward")
+    p.add_argument(
+        "--bucket-mb", type=float, default=25.0, help="gradient-reduction bucket size (0: per tensor)"
+    )
     p.add_argument("--steps", type=int, default=50, help="train up to this step")
     p.add_argument("--every", type=int, default=0, help="checkpoint interval in steps (needs --ckpt)")
     p.add_argument("--ckpt", default=None, help="checkpoint run root: resume from its latest, save to it")
@@ -202,7 +221,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             tie_embeddings=not args.untied,
         ),
         parallel=ParallelConfig(
-            tp=args.tp, pp=args.pp, zero_stage=args.zero, schedule=args.schedule, stage_layers=stage_layers
+            tp=args.tp,
+            pp=args.pp,
+            zero_stage=args.zero,
+            schedule=args.schedule,
+            stage_layers=stage_layers,
+            vpp=args.vpp,
+            recompute=args.recompute,
+            bucket_mb=args.bucket_mb,
         ),
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup, grad_clip=args.grad_clip or None),
         data=DataConfig(
@@ -225,12 +251,16 @@ def _init_distributed(cfg: TrainConfig) -> torch.device:
     """Join the torchrun world if there is one. Config errors are raised before any rendezvous."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.parallel.check_world(world)
-    cfg.data.micro_batches(world // (cfg.parallel.tp * cfg.parallel.pp))
+    cfg.parallel.check_micro_batches(cfg.data.micro_batches(world // (cfg.parallel.tp * cfg.parallel.pp)))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if device.type == "cuda" and cfg.parallel.vpp > 1 and cfg.parallel.pp == 2:
+        # At pp 2 one rank pair carries activations and gradients in the same direction; they are
+        # told apart by tag, which NCCL ignores (it matches in order). See pp/schedule.py.
+        raise TrainingConfigError("--vpp > 1 with --pp 2 needs gloo (CPU): use --pp 3 or more on GPUs")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
@@ -249,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trainer = Trainer(cfg, ctx)
     trainer.init_weights()
+    par = cfg.parallel
+    layout = f"dp{ctx.dp} tp{ctx.tp} pp{ctx.pp} vpp{par.vpp} ZeRO-{par.zero_stage} {par.schedule}"
+    _say(ctx, f"{layout}, {trainer.n_micro} micro-batches: pipeline bubble {trainer.bubble:.1%} of compute")
     log = open(cfg.log_json, "a", encoding="utf-8") if cfg.log_json and ctx.rank == 0 else None  # noqa: SIM115
     try:
         ckpt = None
@@ -299,6 +332,7 @@ def _train(trainer: Trainer, ckpt: TrainerCheckpoint | None, log: TextIO | None)
                     "tokens_per_s": r.tokens / seconds,
                     "ckpt_block_ms": blocked * 1e3,
                     "step_ms": seconds * 1e3,
+                    "param_bytes_peak": trainer.optimizer.meter.peak,
                 }
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")

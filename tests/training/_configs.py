@@ -22,7 +22,7 @@ def train_config(job: dict[str, Any]) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(
             vocab_size=101,
-            n_layers=4,
+            n_layers=job.get("layers", 4),
             d_model=64,
             n_heads=8,
             n_kv_heads=4,
@@ -36,6 +36,9 @@ def train_config(job: dict[str, Any]) -> TrainConfig:
             zero_stage=job.get("zero", 1),
             schedule=job.get("schedule", "1f1b"),
             stage_layers=tuple(job["stage_layers"]) if job.get("stage_layers") else None,
+            vpp=job.get("vpp", 1),
+            recompute=job.get("recompute", False),
+            bucket_mb=job.get("bucket_mb", 25.0),
         ),
         optim=OptimConfig(lr=1e-3, eps=1e-5, grad_clip=1.0, weight_decay=0.1),
         data=DataConfig(seq_len=16, global_batch=8, micro_batch=2, seed=7),

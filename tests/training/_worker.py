@@ -75,7 +75,8 @@ def main() -> None:
             for path, ct in trainer.adapter.to_canonical().items()
         }
         (out / job["name"]).mkdir(parents=True, exist_ok=True)
-        torch.save({"losses": losses, "canonical": canonical}, out / job["name"] / f"rank{rank}.pt")
+        saved = {"losses": losses, "canonical": canonical, "param_bytes_peak": trainer.optimizer.meter.peak}
+        torch.save(saved, out / job["name"] / f"rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
 

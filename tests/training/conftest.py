@@ -25,7 +25,7 @@ Result = dict[str, Any]
 
 def reference(job: dict[str, Any], steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor], Trainer]:
     """The single-process run (dp1 tp1 pp1) of the same model, data and optimizer."""
-    ref_job = {"untied": job.get("untied", False), "zero": 1, "steps": steps}
+    ref_job = {"untied": job.get("untied", False), "layers": job.get("layers", 4), "zero": 1, "steps": steps}
     trainer = Trainer(train_config(ref_job), ParallelContext())
     trainer.init_weights()
     losses = [trainer.train_step().loss for _ in range(steps)]
@@ -70,7 +70,11 @@ def launch(world: int, jobs: list[dict[str, Any]], out: Path, timeout: float = 3
     for job in jobs:
         job_dir = out / job["name"]
         ranks = [torch.load(f, weights_only=True) for f in sorted(job_dir.glob("rank*.pt"))]
-        results[job["name"]] = {"losses": ranks[0]["losses"], "state": _assemble(ranks)}
+        results[job["name"]] = {
+            "losses": ranks[0]["losses"],
+            "state": _assemble(ranks),
+            "param_bytes_peak": [r["param_bytes_peak"] for r in ranks],
+        }
     return results
 
 
@@ -100,6 +104,10 @@ WORLD2 = [
     {"name": "zero1-dp2", "zero": 1},
     {"name": "zero2-dp2", "zero": 2},
     {"name": "zero3-dp2", "zero": 3},
+    {"name": "pp2-vpp2", "pp": 2, "vpp": 2},
+    {"name": "pp2-vpp2-recompute-zero3", "pp": 2, "vpp": 2, "recompute": True, "zero": 3},
+    # Small buckets: several per stage, some with several tensors, launched during backward.
+    *({"name": f"zero{z}-dp2-buckets", "zero": z, "bucket_mb": 0.05} for z in (0, 1, 2, 3)),
 ]
 WORLD4 = [
     {"name": "tp4", "tp": 4},
@@ -110,10 +118,16 @@ WORLD4 = [
     {"name": "zero2-dp4", "zero": 2},
     {"name": "zero3-dp4", "zero": 3},
     {"name": "tp2-pp2-untied-zero3", "tp": 2, "pp": 2, "zero": 3, "untied": True},
+    {"name": "pp4-vpp2", "pp": 4, "vpp": 2, "layers": 8},
+    {"name": "zero3-dp4-recompute-buckets", "zero": 3, "recompute": True, "bucket_mb": 0.05},
+    # ZeRO memory at 8 layers (test_zero_memory.py); parity is checked as for every job.
+    {"name": "zero2-dp4-8layers", "zero": 2, "layers": 8},
+    {"name": "zero3-dp4-8layers", "zero": 3, "layers": 8},
 ]
 WORLD8 = [
     {"name": "dp2-tp2-pp2", "tp": 2, "pp": 2, "zero": 1},
     {"name": "dp2-tp2-pp2-zero2-gpipe", "tp": 2, "pp": 2, "zero": 2, "schedule": "gpipe"},
+    {"name": "dp2-tp2-pp2-vpp2", "tp": 2, "pp": 2, "vpp": 2, "zero": 1},
 ]
 for _job in WORLD2 + WORLD4 + WORLD8:
     _job["steps"] = 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from conftest import WORLD2, WORLD4, WORLD8, Result, reference, rel_diff
 
 pytestmark = pytest.mark.distributed
@@ -20,17 +19,22 @@ pytestmark = pytest.mark.distributed
 TOL = 1e-6
 
 
+class References(dict[tuple[bool, int], Any]):
+    """Single-process references by (untied, layers), computed on first use."""
+
+    def __missing__(self, key: tuple[bool, int]) -> Any:
+        losses, state, _ = reference({"untied": key[0], "layers": key[1]})
+        self[key] = (losses, state)
+        return self[key]
+
+
 @pytest.fixture(scope="module")
-def refs() -> dict[bool, tuple[list[float], dict[str, torch.Tensor]]]:
-    out = {}
-    for untied in (False, True):
-        losses, state, _ = reference({"untied": untied})
-        out[untied] = (losses, state)
-    return out
+def refs() -> References:
+    return References()
 
 
-def check_parity(job: dict[str, Any], got: Result, refs: dict[bool, Any]) -> None:
-    ref_losses, ref_state = refs[job.get("untied", False)]
+def check_parity(job: dict[str, Any], got: Result, refs: References) -> None:
+    ref_losses, ref_state = refs[(job.get("untied", False), job.get("layers", 4))]
     assert len(got["losses"]) == 3
     for step, (a, b) in enumerate(zip(got["losses"], ref_losses, strict=True), 1):
         assert abs(a - b) <= TOL * abs(b), f"step {step}: loss {a!r} vs reference {b!r}"
@@ -47,14 +51,14 @@ def check_parity(job: dict[str, Any], got: Result, refs: dict[bool, Any]) -> Non
     assert moved > 1e-3
 
 
-_INIT: dict[bool, Any] = {}
+_INIT: dict[tuple[bool, int], Any] = {}
 
 
 def refs_init(job: dict[str, Any]) -> Any:
-    untied = job.get("untied", False)
-    if untied not in _INIT:
-        _INIT[untied] = reference({"untied": untied}, steps=0)
-    return _INIT[untied]
+    key = (job.get("untied", False), job.get("layers", 4))
+    if key not in _INIT:
+        _INIT[key] = reference({"untied": key[0], "layers": key[1]}, steps=0)
+    return _INIT[key]
 
 
 @pytest.mark.parametrize("job", WORLD2, ids=[j["name"] for j in WORLD2])
@@ -80,6 +84,6 @@ def test_world8_layout_matches_single_process(
 
 def test_reference_loss_is_not_trivially_equal(refs: Any) -> None:
     """Guard for the parity tests: the reference losses change step to step and tied != untied."""
-    tied, untied = refs[False][0], refs[True][0]
+    tied, untied = refs[(False, 4)][0], refs[(True, 4)][0]
     assert len(set(tied)) == 3
     assert tied != untied

@@ -6,11 +6,18 @@ State per canonical piece of every parameter (see :class:`ParamShards`), always 
 ====== ============================== ================================= ========================
 stage  optimizer state                gradients                          compute parameters
 ====== ============================== ================================= ========================
-0      full on every dp rank          all-reduced at step                full on every rank
-1      this rank's rows               reduce-scattered at step           full, all-gathered
-2      this rank's rows               reduce-scattered during backward   full, all-gathered
-3      this rank's rows               reduce-scattered in backward       this rank's rows only
+0      full on every dp rank          all-reduced in the last backward   full on every rank
+1      this rank's rows               all-reduced in the last backward   full, all-gathered
+2      this rank's rows               reduce-scattered in every backward full, all-gathered
+3      this rank's rows               reduce-scattered in every backward this rank's rows only
 ====== ============================== ================================= ========================
+
+Gradients are reduced in buckets while backward runs (:class:`GradBuckets`): stages 0 and 1
+accumulate micro-batches in ``.grad`` and reduce during each chunk's last backward of the step
+(the pipeline schedule says which one that is, :meth:`ZeroAdamW.before_backward`); stages 2
+and 3 reduce every backward, so full-size gradients never outlive one bucket. Stage 3
+gathers weights per module and drops them between forward and backward (see
+:mod:`ckptd.training.zero.stage3`); :attr:`ZeroAdamW.meter` counts the parameter bytes held.
 
 Gradient norm for clipping: each rank sums the squares of the gradient rows it owns,
 skipping copies (tp-replicated tensors count on tp rank 0, replicated stage-0 state on dp
@@ -31,10 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 from ckptd.training.config import OptimConfig
-from ckptd.training.mesh import ParallelContext, all_gather_rows, all_reduce, reduce_scatter_rows
+from ckptd.training.mesh import ParallelContext, all_gather_rows, all_reduce
 from ckptd.training.params import ParamMeta
+from ckptd.training.zero.buckets import GradBuckets
 from ckptd.training.zero.shard import ParamShards
-from ckptd.training.zero.stage3 import ShardedParam, shard_module
+from ckptd.training.zero.stage3 import ParamMeter, ShardedParam, Zero3Runtime, shard_module
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -56,6 +64,23 @@ class ParamState:
         for acc, g in zip(self.grad, pieces, strict=True):
             acc.add_(g)
 
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """Shape of the full local (tp) tensor, whatever the ZeRO stage stores."""
+        return (sum(self.shards.rows), *self.shards.rest)
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shards.rest)
+
+    @property
+    def param_numel(self) -> int:
+        return sum(self.shards.rows) * self.row_numel
+
+    @property
+    def device(self) -> torch.device:
+        return self.master[0].device
+
 
 class ZeroAdamW(torch.optim.Optimizer):
     """The optimizer of one stage module on one rank."""
@@ -68,7 +93,12 @@ class ZeroAdamW(torch.optim.Optimizer):
         cfg: OptimConfig,
         *,
         zero_stage: int,
+        bucket_mb: float = 25.0,
+        chunk_of: Callable[[str], int] = lambda name: 0,
+        regather: Callable[[str], bool] = lambda module_name: True,
     ) -> None:
+        """``chunk_of(param)``: the pipeline chunk using it (buckets never span chunks);
+        ``regather(module)``: ZeRO-3 drops that module's gathered weights between forward and backward."""
         self.ctx, self.cfg, self.zero_stage = ctx, cfg, zero_stage
         self.step_count = 0
         parts, index = (ctx.dp, ctx.dp_rank) if zero_stage >= 1 else (1, 0)
@@ -92,52 +122,58 @@ class ZeroAdamW(torch.optim.Optimizer):
         for st in self.states.values():
             for w, m, v in zip(st.master, st.exp_avg, st.exp_avg_sq, strict=True):
                 self.state[w] = {"exp_avg": m, "exp_avg_sq": v}
+        n_chunks = 1 + max((chunk_of(name) for name in self.states), default=0)
+        by_chunk: list[list[ParamState]] = [[] for _ in range(n_chunks)]
+        for name, st in self.states.items():
+            by_chunk[chunk_of(name)].append(st)
+        self.buckets = GradBuckets(
+            by_chunk, ctx.dp_group, scatter=zero_stage >= 2, bucket_bytes=int(bucket_mb * 2**20)
+        )
+        self._final_backward = True
+        """Whether the running backward is its chunk's last of the step (stages 0 and 1 reduce then)."""
         self._handles: list[RemovableHandle] = []
-        if zero_stage == 2:
-            for st in self.states.values():
-                hook = self._stage2_hook(st)
-                self._handles.append(st.param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
-        elif zero_stage == 3:
-            sharded, self._handles = shard_module(module, self._make_sharded)
+        self.meter = ParamMeter()
+        """Bytes held in parameter tensors on this rank (ZeRO-3 also counts gathered weights)."""
+        if zero_stage == 3:
+            self._zero3 = Zero3Runtime(self.meter)
+            sharded, self._handles = shard_module(module, self._make_sharded, self._zero3, regather=regather)
             for name, sp in sharded.items():
                 self.states[name].param = sp.shard
+        else:
+            for st in self.states.values():
+                hook = self._grad_hook(st)
+                self._handles.append(st.param.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
+        self.meter.fixed = sum(st.param.numel() * st.param.element_size() for st in self.states.values())
+        self.meter.reset_peak()
 
     def _make_sharded(self, name: str, param: nn.Parameter) -> ShardedParam:
         st = self.states[name]
-        return ShardedParam(param, st.shards, self.ctx.dp_group, st.add_grad)
+        return ShardedParam(
+            param, st.shards, self.ctx.dp_group, lambda g: self.buckets.add(st, g), self._zero3
+        )
 
-    def _stage2_hook(self, st: ParamState) -> Callable[[torch.Tensor], None]:
+    def _grad_hook(self, st: ParamState) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            # Runs once per backward (per micro-batch), after this parameter's gradient is complete.
-            assert p.grad is not None
-            self._reduce_scatter_into(st, p.grad)
-            p.grad = None
+            # Runs once per backward, after this parameter's gradient of the backward is complete.
+            if self.zero_stage >= 2 or self._final_backward:
+                assert p.grad is not None
+                self.buckets.add(st, p.grad)
+                p.grad = None
 
         return hook
 
-    def _reduce_scatter_into(self, st: ParamState, full_grad: torch.Tensor) -> None:
-        mine = reduce_scatter_rows(st.shards.pack_all(full_grad.float()), self.ctx.dp_group)
-        st.add_grad([g / self.ctx.dp for g in st.shards.unpad_own(mine)])
+    def before_backward(self, chunk: int, final: bool) -> None:
+        """Called by the pipeline schedule before each backward (see ``GradReducer``)."""
+        self._final_backward = final
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the compute gradients and zero the fp32 gradient pieces (always kept allocated)."""
+        self.buckets.reset()
+        self._final_backward = True
         for st in self.states.values():
             st.param.grad = None
             for g in st.grad:
                 g.zero_()
-
-    def _collect_grads(self) -> None:
-        """Stages 0 and 1: turn the full local ``.grad`` into reduced fp32 gradient pieces."""
-        for st in self.states.values():
-            g = st.param.grad
-            if g is None:
-                continue  # a parameter this micro-batch set did not reach (none in the GPT)
-            if self.zero_stage == 0:
-                full = all_reduce(g.float(), self.ctx.dp_group) / self.ctx.dp
-                st.add_grad(st.shards.take(full))
-            else:
-                self._reduce_scatter_into(st, g)
-            st.param.grad = None
 
     def _sum_tied(self) -> None:
         """Both copies of a tied embedding get the sum of their gradients, so they stay identical."""
@@ -163,8 +199,9 @@ class ZeroAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> float:  # type: ignore[override]
         """Reduce gradients, clip, update the fp32 masters, refresh the compute weights. Returns the norm."""
-        if self.zero_stage <= 1:
-            self._collect_grads()
+        self.buckets.finish()
+        if self.zero_stage == 3:
+            self._zero3.drop_pending()
         self._sum_tied()
         norm = self.grad_norm()
         clip = 1.0
