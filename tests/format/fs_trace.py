@@ -152,7 +152,20 @@ def trace(argv: list[str], root: Path, *, cwd: Path, timeout: float = 300) -> tu
         raise TraceError("strace is not installed (.ci/services/strace.sh installs it)")
     before = FsModel.of_tree(root)
     log = cwd / "strace.log"
-    cmd = [strace, "-f", "--seccomp-bpf", "-qq", "-y", "-s", "0", "-o", str(log), "-e", f"trace={SYSCALLS}", *argv]
+    cmd = [
+        strace,
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-y",
+        "-s",
+        "0",
+        "-o",
+        str(log),
+        "-e",
+        f"trace={SYSCALLS}",
+        *argv,
+    ]
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise TraceError(f"traced process failed ({done.returncode}):\n{done.stderr[-3000:]}")
