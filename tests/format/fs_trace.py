@@ -195,6 +195,7 @@ def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
     """Turn a strace log into ops on ``root``; ``model`` (the tree before) is advanced as it goes."""
     root_s = os.path.realpath(root)
     fds: dict[str, tuple[int, int]] = {}  # fd -> (inode, file position); one table per process
+    opened_as: dict[str, str] = {}  # fd -> the path it was opened as
     ops: list[Op] = []
 
     def rel(path: str) -> str | None:
@@ -228,7 +229,7 @@ def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
             continue
         if not touched:
             if call == "close":
-                fds.pop(argv[0].split("<")[0], None)
+                _close(fds, argv[0], opened_as)
             continue
         if call in UNSUPPORTED:
             raise TraceError(f"the model cannot replay {call} on the traced tree: {line}")
@@ -246,6 +247,7 @@ def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
                 ino = len(model.kinds)
                 emit(Op("create", r, inode=ino, parent=parent, name=name))
             fds[ret] = (ino, 0)
+            opened_as[ret] = ret_path or ""
         elif call in ("write", "writev", "pwrite64", "pwritev", "pwritev2"):
             key = argv[0].split("<")[0]
             ino, pos = fds[key]
@@ -259,13 +261,14 @@ def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
                 raise TraceError(f"sync_file_range makes nothing durable by itself: {line}")
             emit(Op("fsync", touched[0], inode=fds[argv[0].split("<")[0]][0]))
         elif call == "close":
-            fds.pop(argv[0].split("<")[0], None)
+            _close(fds, argv[0], opened_as)
         elif call == "lseek":
             key = argv[0].split("<")[0]
             fds[key] = (fds[key][0], int(ret))
         elif call in ("dup", "dup2", "dup3", "fcntl"):
             if call != "fcntl" or "F_DUPFD" in argv[1]:
                 fds[ret] = fds[argv[0].split("<")[0]]
+                opened_as[ret] = opened_as.get(argv[0].split("<")[0], "")
         elif call in ("mkdir", "mkdirat"):
             r = rel(paths[0])
             assert r is not None
@@ -286,6 +289,16 @@ def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
             kind = "rmdir" if call == "rmdir" or "AT_REMOVEDIR" in line else "unlink"
             emit(Op(kind, r, inode=model.entries[parent].get(name, -1), parent=parent, name=name))
     return ops
+
+
+def _close(fds: dict[str, tuple[int, int]], arg: str, opened_as: dict[str, str]) -> None:
+    """Forget a closed fd, unless the number already names a newer file: another thread's open
+    may reuse the number and be logged before this close's return is."""
+    fd, _, path = arg.partition("<")
+    if fd in opened_as and opened_as[fd] != path.removesuffix(">"):
+        return
+    fds.pop(fd, None)
+    opened_as.pop(fd, None)
 
 
 def _split_args(args: str) -> list[str]:
