@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint typecheck demo bench clean
+.PHONY: venv test test-fast lint typecheck demo bench clean mutate
 
 $(STAMP): pyproject.toml requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,17 @@ lint: $(STAMP)
 	cd /tmp && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ckptd
 
 typecheck: lint
+
+# Mutation testing (docs/mutation.md): mutmut mutates MUTATE_PATHS in place, one mutant at a time,
+# and runs the fast tests that cover them. Never run other tests in this checkout meanwhile.
+MUTATE_PATHS ?= format/shard.py
+MUTATE_TESTS ?= tests/format/test_roundtrip.py tests/format/test_integrity.py tests/format/test_zarr_compat.py
+MUTATE_K ?= not many_writers and not any_box and not verify_cli and not every_flipped_manifest and not module_and_optimizer
+mutate: $(STAMP)
+	$(BIN)/mutmut run --paths-to-mutate "$(MUTATE_PATHS)" --no-progress --runner \
+	  "$(CURDIR)/$(BIN)/python -m pytest -x -q -p no:randomly -p no:cacheprovider -m 'not slow and not s3 and not gpu' -k '$(MUTATE_K)' $(MUTATE_TESTS)" \
+	  || true
+	$(BIN)/mutmut results
 
 demo: $(STAMP)
 	$(BIN)/python -m ckptd.demo

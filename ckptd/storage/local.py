@@ -64,6 +64,10 @@ class LocalStore:
 
     def _makedirs(self, d: Path) -> None:
         if d.is_dir():
+            # An entry is about to appear in d: d needs an fsync even if an earlier flush synced it
+            # (zarr.json lands in array directories the writers already synced).
+            with self._lock:
+                self._new_dirs.add(d)
             return
         missing = []
         p = d

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ckptd.converters import reshard
 from ckptd.format import CheckpointWriter, Run, TensorLayout, mesh_coords
+from ckptd.format.boxes import ShardBox
 from ckptd.format.writer import WriterReport
 
 import ckptd
@@ -98,6 +99,19 @@ def test_convert_cli_and_bad_mesh(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     assert "wrote step 1" in capsys.readouterr().out
     assert main(["verify", "--quiet", str(tmp_path / "out")]) == 0
+    # verify only checks checksums of what was written: the bits must be the source's, in the new layout
+    converted = Run(open_store(str(tmp_path / "out")))
+    assert converted.manifest(1).mesh["tp"] == 4
+    loaded: dict[str, Any] = {}
+    assert ckptd.load(loaded, str(tmp_path / "out")) == 1
+    for path, (full, _) in _tensors().items():
+        got = loaded["model"][path.split("/")[1]]
+        assert got.dtype == full.dtype and torch.equal(
+            got.view(-1).view(torch.uint8), full.view(-1).view(torch.uint8)
+        ), path
+        # and a tp rank of the new layout reads exactly its rows
+        box = ShardBox((full.shape[0] // 4, 0), (full.shape[0] // 4, full.shape[1]))
+        assert torch.equal(converted.reader(1).read(path, box), full[box.slices()]), path
     with pytest.raises(SystemExit):
         main(["convert", "--mesh", "tp=zero", str(tmp_path / "src"), str(tmp_path / "out2")])
     # converting onto an existing checkpoint is refused unless --overwrite
