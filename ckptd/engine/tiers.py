@@ -153,7 +153,8 @@ class StoreTier:
                 if rank == 0:  # a tensor without a layout is replicated: the lowest rank writes it
                     writer.add(path, tensor)
             elif spec.write:
-                writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh)
+                writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh,
+                           boxes=spec.boxes)
         return writer.finish()
 
     def _finalize(self, snap: Snapshot, reports: list[WriterReport], extras: dict[int, Any]) -> None:
