@@ -139,6 +139,21 @@ def restore_and_continue(layout: tuple[int, int] | None, run: str, out: Path, ta
         (out / f"{tag}.json").write_text(json.dumps({"start": start, "losses": losses, "reference": ref}))
 
 
+def save_and_load(layout: tuple[int, int], run: str, out: Path) -> None:
+    """``ckptd.save`` / ``ckptd.load`` of DTensor states on every rank (no Checkpointer)."""
+    model, opt, _ = build(layout, seed=5)
+    with ckptd.Checkpointer(run, state={"train": TrainState(model, opt)}, handle_signals=False) as ckpt:
+        ckpt.restore(K)
+    ckptd.save({"train": TrainState(model, opt), "note": "plain"}, str(out / "saved"), step=K)
+    fresh, fresh_opt, _ = build(layout, seed=6)
+    state: dict[str, Any] = {"train": TrainState(fresh, fresh_opt), "note": None}
+    step = ckptd.load(state, str(out / "saved"))
+    got, want = full_state(fresh, fresh_opt), full_state(model, opt)
+    same = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if dist.get_rank() == 0:
+        (out / "save_load.json").write_text(json.dumps({"step": step, "note": state["note"], "same": same}))
+
+
 def source(run: str, out: Path) -> None:
     model, opt, dp_mesh = build((2, 2), seed=0)
     losses = []
@@ -204,6 +219,7 @@ def main() -> None:
             restore_and_continue((4, 1), run, out, "fsdp4")
         elif mode == "resume2":
             restore_and_continue((2, 1), run, out, "fsdp2")
+            save_and_load((2, 1), run, out)
         elif mode == "lazy":
             lazy(run, out)
         else:
