@@ -26,6 +26,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,27 +79,49 @@ def shard_spec(t: torch.Tensor) -> ShardSpec:
     return spec
 
 
+@dataclass(frozen=True, slots=True)
+class PlacementBoxes:
+    """What a (global shape, mesh shape, placements) triple means for the format."""
+
+    boxes: dict[tuple[int, ...], ShardBox]
+    """Every mesh coordinate's box."""
+    writers: tuple[ShardBox, ...]
+    """One box per writer: the coordinates with 0 on every ``Replicate`` mesh dim."""
+    layout: TensorLayout | None
+    """Nested splits that reproduce every box, when there are such (else None)."""
+
+
+def placement_boxes(shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[Any],
+                    names: Sequence[str] | None = None) -> PlacementBoxes:
+    """Boxes, writers and layout of a DTensor layout; pure (no mesh, no process group)."""
+    shape, mesh_shape, placements = tuple(shape), tuple(int(n) for n in mesh_shape), tuple(placements)
+    dim_names = tuple(names) if names is not None else tuple(f"mesh{i}" for i in range(len(mesh_shape)))
+    boxes = _all_boxes(shape, mesh_shape, placements)
+    replicate = [i for i, p in enumerate(placements) if p.is_replicate()]
+    writers = tuple(b for c, b in boxes.items() if all(c[i] == 0 for i in replicate))
+    _check_tiles(shape, writers, placements)
+    layout = _nested_layout(shape, mesh_shape, dim_names, placements, boxes)
+    if layout is not None:
+        layout = TensorLayout(partition=layout.partition, replicated=tuple(dim_names[i] for i in replicate))
+    return PlacementBoxes(boxes, writers, layout)
+
+
 @functools.lru_cache(maxsize=4096)
 def _spec(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> ShardSpec:
-    mesh_shape = tuple(int(s) for s in mesh.shape)
-    names = _dim_names(mesh)
     coord = mesh.get_coordinate()
     if coord is None:
         raise LayoutError(f"this rank is not part of the DeviceMesh {mesh}")
-    boxes = _all_boxes(shape, mesh_shape, placements)
-    replicate = [i for i, p in enumerate(placements) if p.is_replicate()]
-    writer_coords = [c for c in boxes if all(c[i] == 0 for i in replicate)]
-    writer_boxes = tuple(boxes[c] for c in writer_coords)
-    _check_tiles(shape, writer_boxes, placements)
+    names = _dim_names(mesh)
+    plan = placement_boxes(shape, mesh.shape, placements, names)
     extra = _other_root_dims(mesh, names)
-    sizes = {**dict(zip(names, mesh_shape, strict=True)), **extra}
-    layout = _nested_layout(shape, mesh_shape, names, placements, boxes)
-    if layout is not None:
-        layout = TensorLayout(partition=layout.partition,
-                              replicated=(*(names[i] for i in replicate), *extra))
-    owner = all(coord[i] == 0 for i in replicate) and _canonical_copy(mesh)
-    return ShardSpec(shape=shape, box=boxes[tuple(int(c) for c in coord)],
-                     layout=layout, mesh=sizes, write=owner, boxes=writer_boxes)
+    layout = plan.layout
+    if layout is not None and extra:  # replicated over the root mesh dims this sub-mesh lacks
+        layout = TensorLayout(partition=layout.partition, replicated=(*layout.replicated, *extra))
+    owner = (all(c == 0 for c, p in zip(coord, placements, strict=True) if p.is_replicate())
+             and _canonical_copy(mesh))
+    return ShardSpec(shape=shape, box=plan.boxes[tuple(int(c) for c in coord)], layout=layout,
+                     mesh={**dict(zip(names, (int(n) for n in mesh.shape), strict=True)), **extra},
+                     write=owner, boxes=plan.writers)
 
 
 def _split_dim(placement: Any) -> int | None:
