@@ -36,7 +36,7 @@ from ckptd.format.boxes import ShardBox, check_tiling
 from ckptd.format.errors import LayoutError
 from ckptd.format.layout import TensorLayout
 
-MAX_TILING_CHECK = 4096
+MAX_TILING_CHECK = 1024
 """Above this many writer boxes the (pairwise) exact-tiling check is reduced to a volume check."""
 
 
