@@ -100,25 +100,17 @@ def worker(args: argparse.Namespace) -> None:
     base = [loop(model, opt, first, n, every)]
     first += n
 
-    with ckptd.Checkpointer(str(root / "ckptd"), state={"train": ckptd.TrainState(model, opt)},
-                            optimizers=[opt], every=every, memory_keep=0, handle_signals=False) as ckpt:
-        held_ckptd: list[float] = []
-        with_ckptd = loop(model, opt, first, n, every, lambda s: ckpt.step(s), held_ckptd)
-        hook_wait = ckpt.stager.hook_wait_s  # the optimizer's pre-step waits for lazy copies
-        first += n
-        t0 = time.perf_counter()
-        ckpt.wait()
-        tail_ckptd = time.perf_counter() - t0
-        base.append(loop(model, opt, first, n, every))
-        first += n
-        durable_ckptd = []
-        for _ in range(args.repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            ckpt.save(first + len(durable_ckptd) + 100000)
-            ckpt.wait()
-            dist.barrier()
-            durable_ckptd.append(time.perf_counter() - t0)
+    ckpt = ckptd.Checkpointer(str(root / "ckptd"), state={"train": ckptd.TrainState(model, opt)},
+                              optimizers=[opt], every=every, memory_keep=0, handle_signals=False)
+    held_ckptd: list[float] = []
+    with_ckptd = loop(model, opt, first, n, every, lambda s: ckpt.step(s), held_ckptd)
+    hook_wait = ckpt.stager.hook_wait_s  # the optimizer's pre-step waits for lazy copies
+    first += n
+    t0 = time.perf_counter()
+    ckpt.wait()
+    tail_ckptd = time.perf_counter() - t0
+    base.append(loop(model, opt, first, n, every))
+    first += n
 
     async_group = dist.new_group(backend="gloo")  # torchtitan: a dedicated group for async saves
     pending: list[Any] = []
@@ -142,14 +134,22 @@ def worker(args: argparse.Namespace) -> None:
     tail_dcp = time.perf_counter() - t0
     base.append(loop(model, opt, first, n, every))
     first += n
-    durable_dcp = []
-    for i in range(args.repeats):
+    durable_ckptd: list[float] = []
+    durable_dcp: list[float] = []
+    for i in range(args.repeats):  # alternating, so that the machine's load drifts evenly on both
+        dist.barrier()
+        t0 = time.perf_counter()
+        ckpt.save(100000 + i)
+        ckpt.wait()
+        dist.barrier()
+        durable_ckptd.append(time.perf_counter() - t0)
         sd_model, sd_optim = get_state_dict(model, opt)
         dist.barrier()
         t0 = time.perf_counter()
         dcp.save({"model": sd_model, "optim": sd_optim}, checkpoint_id=str(root / "dcp" / f"step-{i}"))
         dist.barrier()
         durable_dcp.append(time.perf_counter() - t0)
+    ckpt.close()
 
     baseline = statistics.median(base)
     emit({"what": "loop", "steps": n, "checkpoints": saves, "baseline_s": base, "ckptd_s": with_ckptd,
