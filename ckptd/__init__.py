@@ -21,6 +21,7 @@ from ckptd.engine import (  # noqa: E402
     ShardSpec,
     TierConfig,
 )
+from ckptd.engine.dtensor_state import TrainState  # noqa: E402
 from ckptd.format import (  # noqa: E402
     CheckpointError,
     CheckpointExistsError,
@@ -56,6 +57,7 @@ __all__ = [
     "StorageError",
     "TensorLayout",
     "TierConfig",
+    "TrainState",
     "UnsafeNameError",
     "UnsupportedFormatError",
     "__version__",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ckptd.engine.dtensor_state import LocalState, restore_boxes, save_sharded
 from ckptd.format.codecs import CodecSpec
 from ckptd.format.errors import CheckpointNotFoundError
 from ckptd.format.manifest import Manifest
@@ -40,10 +41,17 @@ def save(
     ``state`` is a nested mapping of tensors (any device; GPU tensors are copied to the
     host), JSON-able values and objects with ``state_dict()``. Returns once the
     checkpoint is durable and committed; a failure leaves earlier checkpoints untouched.
+
+    A state holding DTensors (``model.state_dict()`` under FSDP2 or tensor parallelism) is
+    saved by every rank of the job together: each writes the boxes it owns, rank 0 commits.
     """
     run = open_run(uri, storage_options)
-    skeleton, tensors = flatten(state)
     spec = CodecSpec.parse(codec) if isinstance(codec, str) else codec
+    local = LocalState(state)  # DTensors (FSDP2, tensor parallel): every rank writes its own boxes
+    if local.has_dtensors:
+        return save_sharded(local, run, step=step, codec=spec, chunk_bytes=chunk_bytes, metadata=metadata,
+                            overwrite=overwrite, threads=threads)
+    skeleton, tensors = flatten(local.view)
     ckpt_store = run.prepare(step, overwrite=overwrite)
     try:
         writer = CheckpointWriter(ckpt_store, codec=spec, chunk_bytes=chunk_bytes, threads=threads)
@@ -68,11 +76,16 @@ def load(
     Tensors in ``state`` are filled in place (their shapes must match); entries that
     ``state`` lacks are added (new CPU tensors, JSON values); objects with
     ``load_state_dict`` receive their filled state dict. ``step=None`` loads the latest.
+    DTensors of any mesh and placements are filled in place: each rank reads only its box.
     """
     run = open_run(uri, storage_options)
     if step is None:
         step = run.latest()
         if step is None:
             raise CheckpointNotFoundError(f"no committed checkpoint in {uri}")
-    run.reader(step, threads=threads).restore(state)
+    local = LocalState(state)  # DTensors are filled in place, each rank reading only its own box
+    if local.has_dtensors:
+        restore_boxes(run.reader(step, threads=threads), local, threads=threads)
+    else:
+        run.reader(step, threads=threads).restore(state)
     return step

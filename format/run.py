@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ckptd.format.commit import commit, new_attempt
+from ckptd.format.commit import check_tally, commit, new_attempt, publish
 from ckptd.format.commit_record import ATTEMPT, LEASE_NAME, load_manifest, load_rank_state, meta_key
 from ckptd.format.errors import (
     CheckpointError,
@@ -29,13 +29,16 @@ from ckptd.format.lease import Lease
 from ckptd.format.manifest import (
     MANIFEST_KEY,
     MAX_MANIFEST_BYTES,
+    ArrayRecord,
     Manifest,
+    Totals,
     loads_document,
     parse,
     with_context,
 )
 from ckptd.format.reader import CheckpointReader
 from ckptd.format.store import Store
+from ckptd.format.tally import Tally
 from ckptd.format.verify import Problem, verify
 from ckptd.format.writer import WriterReport
 
@@ -207,6 +210,42 @@ class Run:
             with self._lock:
                 self._open.pop(step, None)
             lease.release()
+        return manifest
+
+    def commit_planned(
+        self,
+        step: int,
+        *,
+        arrays: Mapping[str, ArrayRecord],
+        tally: Tally,
+        writers: int,
+        state: dict[str, Any],
+        world_size: int,
+        mesh: Mapping[str, int] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        rank_state: bool = False,
+    ) -> Manifest:
+        """Commit the open attempt from what a distributed commit gathered: the arrays as their lead
+        writers planned them (they also wrote their ``zarr.json``) and the summed tally, which must be
+        exactly what the plan requires."""
+        with self._lock:
+            entry = self._open.get(step)
+        if entry is None:
+            raise CheckpointError(f"step {step}: no save attempt is open in this process (call prepare)")
+        attempt, lease = entry
+        check_tally(arrays, tally)
+        totals = Totals(arrays=len(arrays), shards=tally.shards, nbytes=tally.nbytes,
+                        stored_bytes=tally.stored_bytes, writers=writers)
+        try:
+            manifest = publish(self.checkpoint_store(step), step=step, attempt=attempt, arrays=arrays,
+                               state=state, world_size=world_size, mesh=mesh, metadata=metadata,
+                               totals=totals, rank_state=rank_state, lease=lease, documented=arrays.keys())
+        except BaseException:
+            self.abandon(step)
+            raise
+        with self._lock:
+            self._open.pop(step, None)
+        lease.release()
         return manifest
 
     def delete(self, step: int) -> None:

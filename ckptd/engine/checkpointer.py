@@ -38,6 +38,7 @@ from ckptd.engine.agreement import Sample, StepAgreement
 from ckptd.engine.catalog import CatalogLink
 from ckptd.engine.config import CatalogConfig, CheckpointerConfig, Retention, ShardSpec, TierConfig
 from ckptd.engine.coordination import Coordinator, DistributedCoordinator, LocalCoordinator
+from ckptd.engine.dtensor_state import LocalState
 from ckptd.engine.flusher import Flusher
 from ckptd.engine.policy import SavePolicy
 from ckptd.engine.pool import HostPool
@@ -48,7 +49,6 @@ from ckptd.format.codecs import CodecSpec
 from ckptd.format.errors import CheckpointError, LayoutError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import step_dir
-from ckptd.format.tree import flatten
 
 if TYPE_CHECKING:
     from ckptd.api.client import RollbackPointer
@@ -280,7 +280,9 @@ class Checkpointer:
     def _snapshot(self, step: int, metrics: Mapping[str, float] | None, tiers: set[str],
                   idle: list[bool]) -> None:
         t0 = time.perf_counter()
-        skeleton, tensors = flatten(self.state)
+        # DTensors (FSDP2, tensor parallel) are snapshotted as their local shards, with derived specs
+        skeleton, tensors, dtensor_specs = LocalState(self.state).flatten()
+        specs = {**dtensor_specs, **self.specs}
         for path, spec in self.specs.items():
             t = tensors.get(path)
             if t is not None and tuple(t.shape) != spec.box.shape:
@@ -292,7 +294,7 @@ class Checkpointer:
             # a manifest is strict JSON (no NaN): a diverged loss must not cost the checkpoint itself
             del clean_metrics[k]
             log.warning("step %d: metric %r is not finite; it is left out of the checkpoint", step, k)
-        snap = self.stager.stage(step=step, skeleton=skeleton, tensors=tensors, specs=self.specs,
+        snap = self.stager.stage(step=step, skeleton=skeleton, tensors=tensors, specs=specs,
                                  rank_state=rank_state, metrics=clean_metrics, optimizers=self.optimizers,
                                  evict=self._evict)
         try:
@@ -563,7 +565,9 @@ class Checkpointer:
             raise CheckpointError("no snapshot is held in host memory")
         step = self.memory.steps()[-1]
         self.stager.wait_all()
-        snap = self.memory.load(step, self.state)
+        local = LocalState(self.state)  # DTensors are restored through their local shards
+        snap = self.memory.load(step, local.view)
+        local.write_back()
         if "rng" in snap.rank_state:
             rng.restore(snap.rank_state["rng"])
         return step
@@ -578,8 +582,10 @@ class Checkpointer:
         return sorted(steps)
 
     def _load(self, step: int) -> bool:
+        local = LocalState(self.state)  # DTensors of any mesh: each rank fills its local shards' boxes
         if self.memory is not None and self.memory.get(step) is not None:
-            snap = self.memory.load(step, self.state)
+            snap = self.memory.load(step, local.view)
+            local.write_back()
             if "rng" in snap.rank_state:
                 rng.restore(snap.rank_state["rng"])
             return True
@@ -587,7 +593,8 @@ class Checkpointer:
             try:
                 if not s.run.is_committed(step):
                     continue
-                manifest = s.load(step, self.state, self.specs)
+                manifest = s.load(step, local.view, {**local.specs(), **self.specs})
+                local.write_back()
             except (CheckpointError, OSError) as e:
                 self.restore_problems.append(f"{s.name} step {step}: {e}")
                 log.warning("checkpoint step %d in %s cannot be restored: %s", step, s.name, e)

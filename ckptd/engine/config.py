@@ -127,13 +127,16 @@ class ShardSpec:
     mesh: Mapping[str, int] | None = None
     write: bool = True
     """False on the replicas of a replicated box: each box is written by exactly one rank."""
+    boxes: tuple[ShardBox, ...] | None = None
+    """Every writer's box (the storage plan needs the set); default: from ``layout`` and ``mesh``.
+    Needed where no ``TensorLayout`` describes the split (DTensor specs always carry it)."""
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
         if not self.box.fits_in(self.shape):
             raise LayoutError(f"box {self.box.to_json()} lies outside the global shape {list(self.shape)}")
-        if (self.layout is None) != (self.mesh is None):
-            raise LayoutError("layout and mesh go together")
+        if self.layout is not None and self.mesh is None:
+            raise LayoutError("a layout needs the mesh it refers to (mesh=...)")
 
     @staticmethod
     def of(value: ShardSpec | Sequence[Any]) -> ShardSpec:

@@ -23,12 +23,17 @@ from typing import Any
 import torch
 
 from ckptd.engine.config import ShardSpec
+from ckptd.engine.dtensor import local_tensor
 from ckptd.engine.pool import HostPool, Slot, arena_bytes
 from ckptd.format.errors import CheckpointError
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
-    """Identity of a tensor's memory: state dicts hand out detached aliases of the live tensors."""
+    """Identity of a tensor's memory: state dicts hand out detached aliases of the live tensors.
+
+    A DTensor (FSDP2 / tensor-parallel parameters and their Adam moments) is keyed by its local
+    shard, which is what a snapshot copies."""
+    t = local_tensor(t)
     return (t.device.type, t.untyped_storage().data_ptr())
 
 

@@ -171,7 +171,8 @@ class StoreTier:
                 if rank == 0:  # a tensor without a layout is replicated: the lowest rank writes it
                     writer.add(path, tensor)
             elif spec.write:
-                writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh)
+                writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh,
+                           boxes=spec.boxes)
         report = writer.finish()
         if snap.rank_state:  # what only this rank restores: its own object, read by it alone
             step_store = self.run.checkpoint_store(snap.step)

@@ -21,6 +21,7 @@ PINNED = {
     "StorageError",
     "TensorLayout",
     "TierConfig",
+    "TrainState",
     "UnsafeNameError",
     "UnsupportedFormatError",
     "__version__",
