@@ -61,9 +61,6 @@ class Lease:
             self._thread.join()
 
     def release(self) -> None:
-        """After the commit: stop refreshing and remove the lease (a committed attempt needs none)."""
+        """After the commit: stop refreshing. The lease object stays: gc never collects the attempt
+        a commit record names, and the commit record must stay the last object a save writes."""
         self.__exit__()
-        try:
-            self.store.delete(self.key)
-        except (CheckpointError, OSError):
-            pass  # clutter at worst; gc never touches the committed attempt
