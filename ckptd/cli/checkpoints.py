@@ -189,7 +189,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             disable=args.quiet or not sys.stderr.isatty(),
             file=sys.stderr,
         ) as bar:
-            problems = verify(run.checkpoint_store(step), m, progress=bar.update)
+            problems = verify(run.data_store(step, m), m, progress=bar.update)
         for prob in problems:
             print(f"step {step}: CORRUPT {prob.array}: {prob}")
         if problems:
