@@ -150,7 +150,7 @@ def sealed_json(doc: Any) -> bytes:
     """``doc`` (its old seal member dropped) as JSON with NaN/Infinity allowed, sealed."""
     if isinstance(doc, dict):
         doc = {k: v for k, v in doc.items() if k != "crc32c"}
-    return reseal(json.dumps(doc).encode())
+    return reseal(json.dumps(doc, separators=(",", ":")).encode())
 
 
 def load_doc(path: Path) -> dict[str, Any]:
