@@ -32,8 +32,7 @@ def template_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _fresh_copy(template: Path, tmp_path: Path) -> Path:
-    outer = tmp_path / "outer"
+def _fresh_copy(template: Path, outer: Path) -> Path:
     shutil.copytree(template, outer / "run")
     (outer / "secret").write_bytes(b"do not touch")
     return outer / "run"
@@ -42,10 +41,10 @@ def _fresh_copy(template: Path, tmp_path: Path) -> Path:
 @pytest.fixture()
 def root(template: Path, tmp_path: Path) -> Path:
     """A fresh copy of the checkpoint at ``<tmp>/outer/run``, with a sentinel next to the run root."""
-    return _fresh_copy(template, tmp_path)
+    return _fresh_copy(template, tmp_path / "outer")
 
 
 @pytest.fixture()
 def root_v1(template_v1: Path, tmp_path: Path) -> Path:
     """The same checkpoint written in format v1 (still read), copied the same way."""
-    return _fresh_copy(template_v1, tmp_path)
+    return _fresh_copy(template_v1, tmp_path / "outer_v1")
