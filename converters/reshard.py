@@ -77,7 +77,7 @@ def reshard(
     out_step = step if dst_step is None else dst_step
     out_store = dst.prepare(out_step, overwrite=overwrite)
     reports: list[WriterReport] = []
-    bytes_read = bytes_written = 0
+    bytes_read, bytes_written = reader.manifest.stored_bytes, 0  # format v2 keeps only totals
     # Shards stream concurrently; memory stays bounded by ``threads`` chunks in flight (plus
     # the source chunks each read touches), whatever the model size.
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptd-reshard") as pool:
@@ -88,7 +88,6 @@ def reshard(
             )
             reports.append(rep)
             pending.append(finish)
-            bytes_read += a.stored_bytes if a.stored_bytes is not None else a.nbytes
         try:
             for finish in pending:
                 bytes_written += finish()

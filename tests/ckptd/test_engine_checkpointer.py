@@ -12,6 +12,7 @@ from workload import assert_same, make, params, seed_all, train_step
 import ckptd
 from ckptd.engine.config import Retention, TierConfig
 from ckptd.engine.policy import to_delete
+from tests.paths import shard_files
 
 
 def _uninterrupted(n: int) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -78,7 +79,7 @@ def test_restore_prefers_memory_and_falls_back_to_older_on_corruption(tmp_path: 
     run = ckptd.open_run(str(tmp_path / "run"))
     assert run.steps() == [1, 2, 3]
     # damage step 3: flip bytes of every shard of one array
-    shards = list((tmp_path / "run" / "step_0000000003" / "model" / "0.weight").glob("c.*"))
+    shards = shard_files(tmp_path / "run", 3, "model/0.weight")
     assert shards
     for f in shards:
         if f.is_file():

@@ -13,6 +13,7 @@ import torch
 
 import ckptd
 from ckptd.cli.main import main
+from tests.paths import data_path
 
 
 @pytest.fixture()
@@ -58,7 +59,7 @@ def test_inspect_reports_shapes_dtypes_bytes_and_codecs(
 
 def test_verify_names_the_corrupt_chunk_and_fails(run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--all", "--quiet", str(run_root)]) == 0
-    shard = run_root / "step_0000000020" / "model" / "w" / "c.0.0"
+    shard = data_path(run_root, 20) / "model" / "w" / "c.0.0"
     data = bytearray(shard.read_bytes())
     data[3] ^= 0x01
     shard.write_bytes(bytes(data))

@@ -25,10 +25,26 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture()
-def root(template: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the checkpoint at ``<tmp>/outer/run``, with a sentinel next to the run root."""
-    outer = tmp_path / "outer"
+@pytest.fixture(scope="module")
+def template_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("template_v1") / "run"
+    build_checkpoint(root, version=1)
+    return root
+
+
+def _fresh_copy(template: Path, outer: Path) -> Path:
     shutil.copytree(template, outer / "run")
     (outer / "secret").write_bytes(b"do not touch")
     return outer / "run"
+
+
+@pytest.fixture()
+def root(template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the checkpoint at ``<tmp>/outer/run``, with a sentinel next to the run root."""
+    return _fresh_copy(template, tmp_path / "outer")
+
+
+@pytest.fixture()
+def root_v1(template_v1: Path, tmp_path: Path) -> Path:
+    """The same checkpoint written in format v1 (still read), copied the same way."""
+    return _fresh_copy(template_v1, tmp_path / "outer_v1")

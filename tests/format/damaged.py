@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from ckptd.format import (
     Run,
     ShardBox,
 )
+from ckptd.format.codecs import crc32c
+from ckptd.format.commit import commit
 from fmt_helpers import random_bits
 
 import ckptd
@@ -40,10 +44,12 @@ def expected() -> dict[str, torch.Tensor]:
     }
 
 
-def build_checkpoint(root: Path) -> None:
+def build_checkpoint(root: Path, *, version: int = 2) -> None:
+    """The checkpoint at ``STEP``: as ckptd writes it today (format v2), or as a format v1 fixture
+    (data at the step directory's root, one self-contained manifest) to keep the v1 reader honest."""
     exp = expected()
     run = Run(LocalStore(root))
-    ckpt = run.prepare(STEP)
+    ckpt = run.prepare(STEP) if version == 2 else run.checkpoint_store(STEP)
     w0, w1 = (CheckpointWriter(ckpt, rank=r, chunk_bytes=80) for r in (0, 1))
     wb = [ShardBox((0, 0), (6, 10)), ShardBox((6, 0), (6, 10))]
     pb = [ShardBox((0, 0), (1, 1)), ShardBox((1, 0), (1499, 1))]
@@ -59,9 +65,17 @@ def build_checkpoint(root: Path) -> None:
         "s": {"$ckptd": "tensor", "path": "s"},
         "lr": 0.5,
     }
-    m = run.commit(STEP, [w0.finish(), w1.finish(), wz.finish()], state=state, world_size=3)
+    reports = [w0.finish(), w1.finish(), wz.finish()]
+    if version == 2:
+        m = run.commit(STEP, reports, state=state, world_size=3)
+        assert m.format_version == 2 and m.attempt
+        assert m.totals is not None and m.totals.writers == 3
+    else:
+        m = commit(run.checkpoint_store(STEP), step=STEP, reports=reports, state=state, world_size=3)
+        assert m.format_version == 1 and not m.attempt
+        assert len(m.arrays["w"].parts[0].shards) == 2
     assert m.arrays["p"].kind == "pieces" and m.arrays["s"].kind == "scalar"
-    assert len(m.arrays["w"].parts[0].shards) == 2
+    assert m.arrays["w"].parts[0].ncells == 2
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -113,3 +127,33 @@ def exercise(root: Path) -> list[BaseException]:
     if rc == 0:
         assert not errors or all(isinstance(e, IntegrityError | CheckpointError) for e in errors)
     return errors
+
+
+# ---------------------------------------------------------------------- sealed documents, forged
+
+
+def unseal(raw: bytes) -> bytes:
+    """A sealed document without its seal member (what an editor that drops it would leave)."""
+    m = re.search(rb',"crc32c":\d+\}\s*$', raw)
+    assert m is not None, raw[-40:]
+    return raw[: m.start()] + b"}"
+
+
+def reseal(body: bytes) -> bytes:
+    """``body`` with a valid seal appended, whatever it holds: the hostile-document tests forge
+    seals so that what they check is the parser behind the seal, not the seal itself."""
+    head = body[:-1] if body.endswith(b"}") else body
+    return head + b',"crc32c":' + str(crc32c(head + b"}")).encode() + b"}"
+
+
+def sealed_json(doc: Any) -> bytes:
+    """``doc`` (its old seal member dropped) as JSON with NaN/Infinity allowed, sealed."""
+    if isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if k != "crc32c"}
+    return reseal(json.dumps(doc, separators=(",", ":")).encode())
+
+
+def load_doc(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(path.read_bytes())
+    doc.pop("crc32c")
+    return doc

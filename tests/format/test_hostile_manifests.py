@@ -3,12 +3,11 @@ read or write outside the run root (checked with an audit hook)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,110 +22,34 @@ from ckptd.format import (
     UnsupportedFormatError,
 )
 from ckptd.format.run import step_dir
-from damaged import REPO, STEP, cli, exercise
+from confine import confined_to
+from damaged import STEP, cli, exercise, load_doc, reseal, sealed_json, unseal
 
 import ckptd
 from ckptd.storage import LocalStore
 
 # ---------------------------------------------------------------------- hostile manifests
 
-_ALLOWED_READ_PREFIXES = tuple(
-    {
-        sys.prefix,
-        sys.base_prefix,
-        sys.exec_prefix,
-        str(REPO),
-        "/dev/",
-        "/proc/",
-        "/sys/",
-        "/etc/localtime",
-        "/usr/",
-    }
-)
-_audit_root: list[Path] = []
-_audit_violations: list[str] = []
-
-
-def _abs(path: Any, dir_fd: Any = None) -> str | None:
-    if not isinstance(path, str | bytes | os.PathLike):
-        return None
-    p = os.fsdecode(path)
-    if isinstance(dir_fd, int) and not os.path.isabs(p):
-        p = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)  # shutil.rmtree works relative to fds
-    return os.path.abspath(p)
-
-
-# event -> indexes of (path, dir_fd) pairs in its arguments (dir_fd index None when the event has none)
-_MUTATING_EVENTS: dict[str, list[tuple[int, int | None]]] = {
-    "os.remove": [(0, 1)],
-    "os.rmdir": [(0, 1)],
-    "os.mkdir": [(0, 2)],
-    "shutil.rmtree": [(0, 1)],
-    "os.rename": [(0, 2), (1, 3)],
-    "os.link": [(0, 2), (1, 3)],
-    "os.symlink": [(1, 2)],
-    "os.truncate": [(0, None)],
-    "os.chmod": [(0, 2)],
-    "os.utime": [(0, 3)],
-}
-
-
-def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
-    if not _audit_root:
-        return
-    root = str(_audit_root[0])
-
-    def inside(p: str) -> bool:
-        return p == root or p.startswith(root + os.sep)
-
-    if event == "open":
-        path, mode, flags = args
-        p = _abs(path)
-        if p is None:
-            return
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        )
-        relative_to_fd = not os.path.isabs(os.fsdecode(path)) and not writing  # rmtree's read-only dir opens
-        if not inside(p) and not relative_to_fd and (writing or not p.startswith(_ALLOWED_READ_PREFIXES)):
-            _audit_violations.append(f"{event} {p} mode={mode} flags={flags}")
-    elif event in _MUTATING_EVENTS:
-        for pi, fi in _MUTATING_EVENTS[event]:
-            p = _abs(args[pi], args[fi] if fi is not None and fi < len(args) else None)
-            if p is not None and not inside(p):
-                _audit_violations.append(f"{event} {p}")
-
-
-sys.addaudithook(_audit_hook)  # inert unless _audit_root is set
-
-
-@contextlib.contextmanager
-def _confined_to(root: Path) -> Iterator[None]:
-    _audit_root[:] = [root.resolve()]
-    _audit_violations.clear()
-    try:
-        yield
-    finally:
-        _audit_root.clear()
-    assert not _audit_violations, _audit_violations
-
 
 def test_confinement_audit_catches_escapes(tmp_path: Path) -> None:
     """The audit used by the hostile-manifest tests is not vacuous."""
     root = tmp_path / "run"
     root.mkdir()
-    with pytest.raises(AssertionError, match="outside"), _confined_to(root):
+    with pytest.raises(AssertionError, match="outside"), confined_to(root):
         (root / "inside").write_bytes(b"fine")
         (tmp_path / "outside").write_bytes(b"escape")
-    with pytest.raises(AssertionError, match=r"os\.remove"), _confined_to(root):
+    with pytest.raises(AssertionError, match=r"os\.remove"), confined_to(root):
         os.remove(tmp_path / "outside")
-    with _confined_to(root):
+    with confined_to(root):
         (root / "inside").read_bytes()
         shutil.rmtree(root / "sub", ignore_errors=True)
 
 
-def _doc(root: Path) -> dict[str, Any]:
-    return json.loads((root / step_dir(STEP) / "manifest.json").read_bytes())
+@dataclass(frozen=True)
+class Verbatim:
+    """A damage written as is, without forging a seal (the seal is what is under test)."""
+
+    damage: Callable[[bytes], bytes]
 
 
 def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
@@ -156,7 +79,16 @@ def _overlap_piece(doc: dict[str, Any]) -> None:
     doc["arrays"]["p"]["parts"][0]["offset"] = [1, 0]
 
 
-HOSTILE: list[tuple[str, bytes | Callable[[dict[str, Any]], None], type[CheckpointError]]] = [
+_OTHER_SEAL = reseal(b'{"a":1}')[len(b'{"a":1') :]  # ,"crc32c":<crc of another document>}
+Mutation = bytes | Verbatim | Callable[[dict[str, Any]], None]
+
+# Format v1 manifests (still read). Every mutated document gets a forged seal, so what is
+# checked is the parser behind it; the Verbatim ones check the seal itself.
+HOSTILE: list[tuple[str, Mutation, type[CheckpointError]]] = [
+    ("seal removed", Verbatim(unseal), IntegrityError),
+    ("seal of another document", Verbatim(lambda raw: unseal(raw)[:-1] + _OTHER_SEAL), IntegrityError),
+    ("unsealed truncated json", Verbatim(lambda raw: raw[: len(raw) // 2]), IntegrityError),
+    ("unsealed empty file", Verbatim(lambda raw: b""), IntegrityError),
     ("truncated json", b'{"format": "ckptd", "format_version": 1, "step": 5, "arr', MetadataError),
     ("empty file", b"", MetadataError),
     ("binary garbage", bytes(range(256)) * 4, MetadataError),
@@ -252,7 +184,8 @@ HOSTILE: list[tuple[str, bytes | Callable[[dict[str, Any]], None], type[Checkpoi
         _set(["state", "x"], {"$ckptd": "dtype", "value": "load"}),
         MetadataError,
     ),
-    ("future format version", _set(["format_version"], 2), UnsupportedFormatError),
+    ("future format version", _set(["format_version"], 3), UnsupportedFormatError),
+    ("v1 document claiming version 2", _set(["format_version"], 2), MetadataError),
     ("far future format version", _set(["format_version"], 10**30), UnsupportedFormatError),
     ("format version zero", _set(["format_version"], 0), MetadataError),
     ("not a ckptd manifest", _set(["format"], "torch"), MetadataError),
@@ -297,18 +230,21 @@ HOSTILE: list[tuple[str, bytes | Callable[[dict[str, Any]], None], type[Checkpoi
 
 
 @pytest.mark.parametrize(("name", "mutation", "error"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_manifest(root: Path, name: str, mutation: Any, error: type[CheckpointError]) -> None:
+def test_hostile_manifest(root_v1: Path, name: str, mutation: Any, error: type[CheckpointError]) -> None:
+    root = root_v1
     path = root / step_dir(STEP) / "manifest.json"
     if isinstance(mutation, bytes):
-        raw = mutation
+        raw = reseal(mutation)
+    elif isinstance(mutation, Verbatim):
+        raw = mutation.damage(path.read_bytes())
     else:
-        doc = _doc(root)
+        doc = load_doc(path)
         mutation(doc)
-        raw = json.dumps(doc).encode()  # allow_nan: NaN/Infinity literals on purpose
+        raw = sealed_json(doc)  # allow_nan: NaN/Infinity literals on purpose
     path.write_bytes(raw)
     outer = root.parent
     before = {p: p.read_bytes() for p in outer.rglob("*") if p.is_file()}
-    with _confined_to(root):
+    with confined_to(root):
         errors = exercise(root)
         # writing over the hostile checkpoint, deleting it and collecting garbage stay inside the run root
         run = Run(LocalStore(root))
@@ -323,7 +259,7 @@ def test_hostile_manifest(root: Path, name: str, mutation: Any, error: type[Chec
     after = {p: p.read_bytes() for p in outer.rglob("*") if p.is_file()}
     assert after == before, f"{name}: files changed"
 
-    with _confined_to(root):
+    with confined_to(root):
         ckptd.save({"w": torch.ones(2)}, str(root), step=STEP, overwrite=True)
         Run(LocalStore(root)).delete(STEP)
         Run(LocalStore(root)).gc_uncommitted(min_age_s=0)
@@ -331,8 +267,9 @@ def test_hostile_manifest(root: Path, name: str, mutation: Any, error: type[Chec
     assert sorted(p.name for p in outer.iterdir()) == ["run", "secret"]
 
 
-def test_hostile_manifests_raise_from_load(root: Path) -> None:
+def test_hostile_manifests_raise_from_load(root_v1: Path) -> None:
     """``ckptd.load``, the first thing a user calls, raises the specific error for plainly invalid ones."""
+    root = root_v1
     path = root / step_dir(STEP) / "manifest.json"
     cases = {
         "future": (_set(["format_version"], 7), UnsupportedFormatError),
@@ -343,7 +280,7 @@ def test_hostile_manifests_raise_from_load(root: Path) -> None:
     for name, (mutation, error) in cases.items():
         doc = json.loads(original)
         mutation(doc)
-        path.write_bytes(json.dumps(doc).encode())
+        path.write_bytes(sealed_json(doc))
         with pytest.raises(error):
             ckptd.load({}, str(root))
         rc, text = cli("verify", str(root))

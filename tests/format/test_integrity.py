@@ -25,6 +25,7 @@ from fmt_helpers import assert_bits_equal
 
 import ckptd
 from ckptd.storage import LocalStore
+from tests.paths import data_path, meta_path
 
 # ---------------------------------------------------------------------- corruption targets
 
@@ -41,11 +42,11 @@ class Target:
 def _targets(root: Path) -> list[Target]:
     """Byte positions in every kind of stored object, found from the format's layout (SPEC.md)."""
     m = Run(LocalStore(root)).manifest(STEP)
-    ckpt = root / step_dir(STEP)
+    ckpt = data_path(root, STEP)
     out: list[Target] = []
     for a in m.arrays.values():
         for i, part in enumerate(a.parts):
-            for rec in part.shards:
+            for coords in part.cells():  # format v2 lists no shards: every cell of the grid is one
                 if a.kind == "scalar":
                     key = f"{a.part_key(i)}/c"
                     n = (ckpt / key).stat().st_size
@@ -54,7 +55,7 @@ def _targets(root: Path) -> list[Target]:
                         Target(a.path, key, n - 1, "scalar crc", "c"),
                     ]
                     continue
-                key = shard_key(a.part_key(i), rec.coords)
+                key = shard_key(a.part_key(i), coords)
                 blob = (ckpt / key).read_bytes()
                 per_shard = tuple(g // c for g, c in zip(part.grid, part.chunks, strict=True))
                 idx_n = math.prod(per_shard) * 16 + 4
@@ -87,19 +88,17 @@ def test_targets_cover_every_stored_shard(root: Path) -> None:
         "scalar body",
         "scalar crc",
     } <= kinds
-    shard_files = {
-        str(p.relative_to(root / step_dir(STEP)))
-        for p in (root / step_dir(STEP)).rglob("*")
-        if p.is_file() and p.name not in ("zarr.json", "manifest.json")
-    }
+    data = data_path(root, STEP)
+    shard_files = {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file() and p.name != "zarr.json"}
     assert {t.key for t in targets} == shard_files
     assert len({(t.key, t.chunk) for t in targets if t.chunk}) >= 12
 
 
 def test_flipped_byte_in_any_chunk_or_index_is_named_and_fails_reads(root: Path) -> None:
     exp = expected()
+    data = data_path(root, STEP)
     for t in _targets(root):
-        path = root / step_dir(STEP) / t.key
+        path = data / t.key
         original = path.read_bytes()
         flip(path, t.pos)
         try:
@@ -127,7 +126,7 @@ def test_flipped_byte_in_any_chunk_or_index_is_named_and_fails_reads(root: Path)
 
 def _zarr_json_targets(root: Path) -> list[tuple[str, int, str]]:
     """(key, position, what) of meaningful bytes in the Zarr metadata documents."""
-    ckpt = root / step_dir(STEP)
+    ckpt = data_path(root, STEP)
     out = []
     for key, needles in {
         "w/zarr.json": [
@@ -154,8 +153,9 @@ def _zarr_json_targets(root: Path) -> list[tuple[str, int, str]]:
 
 
 def test_flipped_byte_in_zarr_metadata_is_named_by_verify(root: Path) -> None:
+    data = data_path(root, STEP)
     for key, pos, what in _zarr_json_targets(root):
-        path = root / step_dir(STEP) / key
+        path = data / key
         original = path.read_bytes()
         flip(path, pos)
         try:
@@ -168,7 +168,7 @@ def test_flipped_byte_in_zarr_metadata_is_named_by_verify(root: Path) -> None:
 
 
 def test_missing_and_truncated_shards(root: Path) -> None:
-    ckpt = root / step_dir(STEP)
+    ckpt = data_path(root, STEP)
     scalar = next(t.key for t in _targets(root) if t.array == "s")
     for array, key, damage in [
         ("w", shard_key("w", (1, 0)), lambda b: b[: len(b) // 2]),
@@ -223,7 +223,7 @@ def test_verify_cli_as_a_subprocess(root: Path, tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     t = next(t for t in _targets(root) if t.array == "zstd/x" and t.what == "chunk crc32c")
-    flip(root / step_dir(STEP) / t.key, t.pos)
+    flip(data_path(root, STEP) / t.key, t.pos)
     bad = subprocess.run(
         [sys.executable, "-P", "-m", "ckptd", "verify", str(root), "--step", str(STEP)],
         capture_output=True,
@@ -255,7 +255,7 @@ def test_flipped_byte_on_s3(
     assert run.verify(STEP) == []
     assert cli("verify", s3_url)[0] == 0
     t = next(t for t in _targets(local) if t.array == "w" and t.what == "chunk body (last byte)")
-    key = f"{step_dir(STEP)}/{t.key}"
+    key = f"{data_path(local, STEP).relative_to(local)}/{t.key}"
     blob = bytearray(store.read(key))
     blob[t.pos] ^= 0x01
     store.write(key, [bytes(blob)])
@@ -269,24 +269,55 @@ def test_flipped_byte_on_s3(
 # ---------------------------------------------------------------------- manifest damage
 
 
-def test_every_flipped_manifest_byte_gives_a_checkpoint_error_or_a_checked_result(root: Path) -> None:
-    """Whatever a single bit flip does to the manifest, nothing but CheckpointError escapes."""
-    path = root / step_dir(STEP) / "manifest.json"
+def test_every_flipped_v1_manifest_byte_gives_a_checkpoint_error_or_a_checked_result(root_v1: Path) -> None:
+    """Whatever a single bit flip does to a format v1 manifest, nothing but CheckpointError escapes."""
+    path = root_v1 / step_dir(STEP) / "manifest.json"
     original = path.read_bytes()
     positions = range(0, len(original), max(1, len(original) // 250))
     for pos in positions:
         flip(path, pos)
         try:
-            exercise(root)
+            exercise(root_v1)
         finally:
             path.write_bytes(original)
 
 
-def test_flipped_byte_in_manifest_state_is_detected(root: Path) -> None:
-    # The manifest ends with its own crc32c, so even a flip inside a JSON value is caught.
-    path = root / step_dir(STEP) / "manifest.json"
-    text = path.read_bytes()
-    pos = text.index(b'"lr":0.5') + len(b'"lr":0.')
-    flip(path, pos)  # 0.5 -> 0.4
-    with pytest.raises(IntegrityError, match="crc32c"):
-        ckptd.load({}, str(root))
+def _sealed_documents(root: Path) -> list[Path]:
+    """The commit record and every document it pins (table pages, state tree)."""
+    meta = meta_path(root, STEP)
+    docs = [root / step_dir(STEP) / "manifest.json", *sorted((meta / "tables").iterdir())]
+    docs.append(meta / "state.json")
+    assert len(docs) == 3
+    return docs
+
+
+def test_every_flipped_metadata_byte_is_an_integrity_error(root: Path) -> None:
+    """Format v2: a bit flipped anywhere in the commit record, a table page or the state tree — the
+    seal included, every position — is an IntegrityError, never a silently different checkpoint."""
+    for path in _sealed_documents(root):
+        original = path.read_bytes()
+        for pos in range(len(original)):
+            flip(path, pos)
+            try:
+                run = Run(LocalStore(root))
+                with pytest.raises(IntegrityError):
+                    run.manifest(STEP).arrays["w"]  # the record and state load here, the page on access
+                if pos % 97 == 0:  # everything a user does (slower): only CheckpointErrors, at least one
+                    assert any(isinstance(e, IntegrityError) for e in exercise(root)), (path.name, pos)
+            finally:
+                path.write_bytes(original)
+    assert Run(LocalStore(root)).verify(STEP) == []
+
+
+def test_flipped_byte_in_manifest_state_is_detected(root: Path, root_v1: Path) -> None:
+    # Every metadata document ends with its own crc32c, so even a flip inside a JSON value is caught:
+    # in the v1 manifest, and in the v2 state tree (pinned by the commit record as well).
+    for run_root, path, match in [
+        (root_v1, root_v1 / step_dir(STEP) / "manifest.json", "crc32c"),
+        (root, meta_path(root, STEP) / "state.json", "state tree"),
+    ]:
+        text = path.read_bytes()
+        pos = text.index(b'"lr":0.5') + len(b'"lr":0.')
+        flip(path, pos)  # 0.5 -> 0.4
+        with pytest.raises(IntegrityError, match=match):
+            ckptd.load({}, str(run_root))

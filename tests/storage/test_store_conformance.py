@@ -167,12 +167,24 @@ def test_gc_collects_only_old_uncommitted_steps(run_root: tuple[str, dict[str, A
 
 
 def test_save_over_stale_uncommitted_step_replaces_it(run_root: tuple[str, dict[str, Any] | None]) -> None:
+    """A crashed attempt's leftovers never join a later save of the step. Format v2: the new save
+    writes its own attempt and leaves the old one alone (it might be a live writer's); gc collects
+    it once no lease holds it."""
     uri, opts = run_root
     store = open_store(uri, opts)
-    store.write(f"{step_dir(5)}/stale/c/0", [b"junk from a crashed attempt"])
+    crashed = f"{step_dir(5)}/a-00000000deadbeef"
+    store.write(f"{crashed}/model/w/c.0.0", [b"junk from a crashed attempt"])
+    store.write(f"{crashed}/model/w/zarr.json", [b"{}"])
     ckptd.save(_state(5), uri, step=5, storage_options=opts)
-    assert not store.exists(f"{step_dir(5)}/stale/c/0")
-    assert Run(store).verify(5) == []
+    run = Run(store)
+    assert run.verify(5) == [] and run.manifest(5).attempt != "a-00000000deadbeef"
+    loaded: dict[str, Any] = {}
+    assert ckptd.load(loaded, uri, step=5, storage_options=opts) == 5
+    assert torch.equal(loaded["model"]["w"], _state(5)["model"]["w"])
+    time.sleep(0.05)
+    assert run.gc_uncommitted(min_age_s=0) == [5]
+    assert not store.exists(f"{crashed}/model/w/c.0.0") and not store.exists(f"{crashed}/model/w/zarr.json")
+    assert run.steps() == [5] and run.verify(5) == []
 
 
 def test_local_commit_leaves_no_temporary_files(tmp_path: Path) -> None:
