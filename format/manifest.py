@@ -209,22 +209,28 @@ class Manifest:
         return self.totals.writers if self.totals is not None else len(self.writers)
 
     def to_json(self) -> dict[str, Any]:
-        """The format v1 document (v1 manifests only; v2 commit records come from ``commit_record``)."""
-        return {
+        """Everything as one JSON document, in the shape of a format v1 manifest (what v1 writes; for a
+        v2 checkpoint a full view — its commit record is written by ``commit_record``)."""
+        doc = {
             "format": FORMAT_NAME,
-            "format_version": 1,
+            "format_version": self.format_version,
             "step": self.step,
             "checkpoint_id": self.checkpoint_id,
             "created_at": self.created_at,
             "world_size": self.world_size,
             "writers": self.writers,
             "mesh": dict(self.mesh),
-            "nbytes": sum(a.nbytes for a in self.arrays.values()),
+            "nbytes": self.nbytes,
             "stored_bytes": self.stored_bytes,
             "arrays": {p: a.to_json() for p, a in sorted(self.arrays.items())},
             "state": self.state,
             "metadata": dict(self.metadata),
         }
+        if self.totals is not None:
+            doc["attempt"] = self.attempt
+            doc["totals"] = self.totals.to_json()
+            doc["writers"] = self.totals.writers
+        return doc
 
     def dumps(self) -> bytes:
         """The format v1 manifest, sealed (used to write v1 checkpoints for compatibility tests)."""
@@ -311,7 +317,7 @@ def check_listed_complete(a: ArrayRecord) -> None:
         )
 
 
-def parse_array(path: str, doc: Any, *, listed: bool) -> ArrayRecord:
+def parse_array(path: str, doc: Any, *, listed: bool, whole: bool = True) -> ArrayRecord:
     a = obj(doc, f"array {path}")
     dtype = logical_dtype(string(a.get("dtype"), f"{path}.dtype"))
     if string(a.get("storage_dtype", dtype.storage), f"{path}.storage_dtype") != dtype.storage:
@@ -346,7 +352,7 @@ def parse_array(path: str, doc: Any, *, listed: bool) -> ArrayRecord:
                 f"array {path}: part {i} ({list(p.shape)} at {list(p.offset)}) lies outside "
                 f"shape {list(shape)}"
             )
-    if kind == "pieces":
+    if kind == "pieces" and whole:  # a writer's report holds only its own pieces
         try:
             check_tiling(shape, [ShardBox(p.offset, p.shape) for p in parts])
         except LayoutError as e:

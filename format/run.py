@@ -17,7 +17,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptd.format.commit import check_tally, commit, new_attempt, publish
-from ckptd.format.commit_record import ATTEMPT, LEASE_NAME, load_manifest, load_rank_state, meta_key
+from ckptd.format.commit_record import (
+    ATTEMPT,
+    LEASE_NAME,
+    MAX_RECORD_BYTES,
+    load_manifest,
+    load_rank_state,
+    meta_key,
+)
 from ckptd.format.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -120,6 +127,9 @@ class Run:
             raise StorageError(f"reading {key} from {self.url} failed: {e}") from e
         where = f"{self.url}/{key}"
         version, doc = loads_document(raw, where)
+        if version >= 2 and len(raw) > MAX_RECORD_BYTES:
+            raise MetadataError(f"{where} is {len(raw)} bytes, larger than the {MAX_RECORD_BYTES} limit of "
+                                "a format v2 commit record")
         m: Manifest = (with_context(where, lambda: parse(doc)) if version == 1
                        else load_manifest(self.checkpoint_store(step), doc, where))
         if m.step != step:
@@ -198,14 +208,11 @@ class Run:
             raise CheckpointError(f"step {step}: no save attempt is open in this process (call prepare)")
         lease = entry[1] if entry is not None and (attempt is None or attempt == entry[0]) else None
         attempt = attempt or (entry[0] if entry else None)
-        try:
-            manifest = commit(self.checkpoint_store(step), step=step, reports=reports, state=state,
-                              world_size=world_size, mesh=mesh, metadata=metadata, attempt=attempt,
-                              rank_state=rank_state, lease=lease)
-        except BaseException:
-            if lease is not None:
-                self.abandon(step)
-            raise
+        # A failure leaves the attempt open (a caller may retry with complete reports); ``abandon``
+        # ends it, and gc collects it once its lease is old.
+        manifest = commit(self.checkpoint_store(step), step=step, reports=reports, state=state,
+                          world_size=world_size, mesh=mesh, metadata=metadata, attempt=attempt,
+                          rank_state=rank_state, lease=lease)
         if lease is not None:
             with self._lock:
                 self._open.pop(step, None)
@@ -236,13 +243,9 @@ class Run:
         check_tally(arrays, tally)
         totals = Totals(arrays=len(arrays), shards=tally.shards, nbytes=tally.nbytes,
                         stored_bytes=tally.stored_bytes, writers=writers)
-        try:
-            manifest = publish(self.checkpoint_store(step), step=step, attempt=attempt, arrays=arrays,
-                               state=state, world_size=world_size, mesh=mesh, metadata=metadata,
-                               totals=totals, rank_state=rank_state, lease=lease, documented=arrays.keys())
-        except BaseException:
-            self.abandon(step)
-            raise
+        manifest = publish(self.checkpoint_store(step), step=step, attempt=attempt, arrays=arrays,
+                           state=state, world_size=world_size, mesh=mesh, metadata=metadata,
+                           totals=totals, rank_state=rank_state, lease=lease, documented=arrays.keys())
         with self._lock:
             self._open.pop(step, None)
         lease.release()

@@ -309,6 +309,7 @@ def report_from_json(doc: Any) -> WriterReport:
             if a.get("kind") == "pieces"
             else {**a, "parts": list(parts_doc.values()) or [_empty_part(a)]},
             listed=True,
+            whole=False,
         )
         ar = ArrayReport(logical_dtype(a["dtype"]), rec.shape, rec.kind, rec.codec, rec.layout)
         for key, part in zip(parts_doc.keys(), rec.parts, strict=False):

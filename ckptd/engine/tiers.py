@@ -25,7 +25,7 @@ from ckptd.format.commit_record import LEASE_NAME, encode_rank_state, meta_key, 
 from ckptd.format.errors import CheckpointError, CheckpointExistsError, LayoutError
 from ckptd.format.lease import Lease
 from ckptd.format.manifest import Manifest, Totals
-from ckptd.format.run import Run
+from ckptd.format.run import Run, step_dir
 from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
 from ckptd.format.writer import CheckpointWriter, WriterReport
@@ -211,6 +211,8 @@ class StoreTier:
             step_store = self.run.checkpoint_store(step)
             step_store.delete_prefix(attempt)
             step_store.delete_prefix(attempt + ".meta")
+            if not step_store.list_dir("") and not self.run.is_committed(step):
+                self.run.store.delete_prefix(step_dir(step))  # nothing else was there: no empty leftover
         except Exception:  # the original failure is what the user must see
             pass
 
