@@ -67,7 +67,8 @@ def run() -> int:
     assert same
 
     banner("flip one byte in a shard of step 30, then verify")
-    shard = root / "step_0000000030" / "model" / "0.weight" / "c.0.0"
+    attempt = ckptd.open_run(str(root)).manifest(30).attempt  # the data of the attempt that committed
+    shard = root / "step_0000000030" / attempt / "model" / "0.weight" / "c.0.0"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
