@@ -35,3 +35,17 @@ def describe() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def write_results(name: str, out: str | None, args: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """Write ``results`` with the machine description to ``out`` (default:
+    benchmarks/results/<name>-<UTC timestamp>.json); returns the path."""
+    import json
+    import time
+    from pathlib import Path
+
+    path = out or str(
+        Path(__file__).parent / "results" / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    )
+    Path(path).write_text(json.dumps({"machine": describe(), "args": args, "results": results}, indent=1))
+    return path

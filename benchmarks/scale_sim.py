@@ -53,7 +53,7 @@ from ckptd.format.run import Run
 from ckptd.format.tally import Tally, expected_tally, shard_fingerprint
 from ckptd.format.writer import ArrayReport, CheckpointWriter, shard_key
 
-from benchmarks.machine import describe
+from benchmarks.machine import write_results
 from ckptd.engine.coordination import encode_leads, merge_leads, parse_leads
 from ckptd.storage import LocalStore
 
@@ -331,12 +331,7 @@ def main() -> None:
             res["bench"] = "scale_sim_limit"
             print(json.dumps(res), flush=True)
             results.append(res)
-    out = args.out or str(
-        ROOT / "benchmarks" / "results" / f"scale-sim-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    )
-    Path(out).write_text(
-        json.dumps({"machine": describe(), "args": vars(args), "results": results}, indent=1)
-    )
+    out = write_results("scale-sim", args.out, vars(args), results)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -140,19 +140,14 @@ def main() -> None:
         worker(args.steps, args.out)
         return
     sys.path.insert(0, str(ROOT))
-    from benchmarks.machine import describe
+    from benchmarks.machine import write_results
 
     results = []
     for w in [int(x) for x in args.worlds.split(",")]:
         res = run_world(w, args.steps)
         print(json.dumps(res), flush=True)
         results.append(res)
-    out = args.out or str(
-        ROOT / "benchmarks" / "results" / f"step-cost-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    )
-    Path(out).write_text(
-        json.dumps({"machine": describe(), "args": vars(args), "results": results}, indent=1)
-    )
+    out = write_results("step-cost", args.out, vars(args), results)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -99,12 +99,13 @@ class BlobRef:
 
 
 def encode_pages(attempt: str, arrays: Mapping[str, ArrayRecord]) -> list[tuple[PageRef, bytes]]:
+    """Table pages of ``arrays`` (format v2 records: ``ArrayRecord.unlisted``)."""
     paths = sorted(arrays)
     out: list[tuple[PageRef, bytes]] = []
     for i, start in enumerate(range(0, len(paths), PAGE_ARRAYS)):
         chunk = paths[start : start + PAGE_ARRAYS]
         doc = {"format": f"{FORMAT_NAME}-arrays", "attempt": attempt, "page": i,
-               "arrays": {p: arrays[p].unlisted().to_json() for p in chunk}}
+               "arrays": {p: arrays[p].to_json() for p in chunk}}
         raw = dumps_sealed(doc)
         if len(raw) > MAX_PAGE_BYTES:
             raise MetadataError(f"array table page {i} would be {len(raw)} bytes (limit {MAX_PAGE_BYTES})")

@@ -22,8 +22,6 @@ from ckptd.format.errors import LayoutError, MetadataError, UnsupportedFormatErr
 from ckptd.format.layout import TensorLayout
 from ckptd.format.names import check_array_path, check_segment
 from ckptd.format.strict_json import (
-    MAX_ELEMENTS,
-    MAX_NDIM,
     dumps_sealed,
     integer,
     loads_sealed,
@@ -38,8 +36,6 @@ FORMAT_VERSION = 2
 """The version ckptd writes; it reads every version up to this one."""
 MANIFEST_KEY = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20
-__all__ = ["MAX_ELEMENTS", "MAX_NDIM"]
-
 ArrayKind = Literal["regular", "pieces", "scalar"]
 T = TypeVar("T")
 
@@ -141,6 +137,8 @@ class ArrayRecord:
 
     def unlisted(self) -> ArrayRecord:
         """The same array as format v2 records it: shards derived from the grid."""
+        if not any(p.listed for p in self.parts):
+            return self
         parts = tuple(PartRecord(p.offset, p.shape, p.grid, p.chunks, (), listed=False) for p in self.parts)
         return ArrayRecord(self.path, self.dtype, self.shape, self.kind, self.codec, self.layout, parts)
 
@@ -279,8 +277,8 @@ def parse(doc: Any) -> Manifest:
     arrays = {check_array_path(p): parse_array(p, a, listed=True) for p, a in arrays_doc.items()}
     for a in arrays.values():
         check_listed_complete(a)
-    for k in ("writers",):
-        [integer(w, "writers", lo=0) for w in lst(d.get(k, []), k)]
+    for w in lst(d.get("writers", []), "writers"):
+        integer(w, "writers", lo=0)
     for k in ("nbytes", "stored_bytes"):
         if k in d:
             integer(d[k], k, lo=0)

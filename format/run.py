@@ -115,12 +115,10 @@ class Run:
     def manifest(self, step: int) -> Manifest:
         key = f"{step_dir(step)}/{MANIFEST_KEY}"
         try:
-            # the size first: a hostile or damaged 40 GB manifest must be refused, not read
-            size = self.store.size(key)
-            if size > MAX_MANIFEST_BYTES:
-                raise MetadataError(f"{self.url}/{key} is {size} bytes, larger than the "
-                                    f"{MAX_MANIFEST_BYTES} limit")
-            raw = self.store.read(key)
+            # one bounded read: a hostile or damaged 40 GB manifest is refused, never read whole
+            (raw,) = self.store.read_ranges(key, [(0, MAX_MANIFEST_BYTES + 1)])
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise MetadataError(f"{self.url}/{key} is larger than the {MAX_MANIFEST_BYTES} byte limit")
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"no committed checkpoint at step {step} in {self.url}") from None
         except OSError as e:

@@ -116,11 +116,10 @@ def _check_shard(
     limit = rec.nbytes if rec is not None else (
         a.dtype.itemsize + 4 if a.kind == "scalar" else geom.max_nbytes(a.dtype.itemsize))
     try:
-        size = store.size(key)
-        if size > limit:
-            return [Problem(a.path, key, f"size {size} bytes, larger than a shard of this array can be "
-                            f"({limit}; replaced or damaged)")]
-        blob = store.read(key)
+        (blob,) = store.read_ranges(key, [(0, limit + 1)])  # one bounded request
+        if len(blob) > limit:
+            return [Problem(a.path, key, f"more than {limit} bytes, larger than a shard of this array can "
+                            "be (replaced or damaged)")]
     except FileNotFoundError:
         return [Problem(a.path, key, "missing")]
     except OSError as e:
