@@ -158,7 +158,9 @@ def baseline_tree(rev: str, dest: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
     for folder, target in PACKAGE_DIRS.items():
-        shutil.copytree(src / folder, dest / "tree" / target, dirs_exist_ok=True)
+        # the core moved from ckptd/ to src/ckptd/; older revisions still have it at the top
+        origin = src / "src" / folder if (src / "src" / folder).is_dir() else src / folder
+        shutil.copytree(origin, dest / "tree" / target, dirs_exist_ok=True)
     shutil.copytree(src / "migrations", dest / "tree" / "migrations")
     return dest / "tree"
 

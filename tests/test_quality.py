@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SOURCES = ["ckptd", "format", "converters", "api", "training", "benchmarks", "tests"]
+SOURCES = ["src/ckptd", "format", "converters", "api", "training", "benchmarks", "tests"]
 
 
 def _tool(name: str) -> str:

@@ -14,7 +14,7 @@ _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marsh
 
 
 def _source_files() -> list[Path]:
-    folders = ["ckptd", "format", "converters", "api", "training"]
+    folders = ["src/ckptd", "format", "converters", "api", "training"]
     return sorted(p for f in folders for p in (REPO / f).rglob("*.py"))
 
 

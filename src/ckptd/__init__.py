@@ -3,17 +3,8 @@
 The public API is listed in ``__all__`` (pinned by tests/ckptd/test_public_api.py).
 """
 
-import os as _os
-
-# Imported straight from a source checkout (the repository root on sys.path, as with
-# `python -m ...` run there) the sibling folders that pyproject maps into ckptd.*
-# (format/, api/, ...) are not below this directory; let the package find them.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_checkout, "format", "SPEC.md")) and _checkout not in __path__:
-    __path__.append(_checkout)
-
-from ckptd.checkpoint_io import load, open_run, save  # noqa: E402
-from ckptd.engine import (  # noqa: E402
+from ckptd.checkpoint_io import load, open_run, save
+from ckptd.engine import (
     CatalogConfig,
     Checkpointer,
     CheckpointerConfig,
@@ -21,8 +12,8 @@ from ckptd.engine import (  # noqa: E402
     ShardSpec,
     TierConfig,
 )
-from ckptd.engine.dtensor_state import TrainState  # noqa: E402
-from ckptd.format import (  # noqa: E402
+from ckptd.engine.dtensor_state import TrainState
+from ckptd.format import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -36,7 +27,7 @@ from ckptd.format import (  # noqa: E402
     UnsafeNameError,
     UnsupportedFormatError,
 )
-from ckptd.storage import open_store  # noqa: E402
+from ckptd.storage import open_store
 
 __version__ = "0.1.0"
 
