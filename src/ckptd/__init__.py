@@ -1,6 +1,6 @@
 """ckptd: checkpoints and resilience for PyTorch distributed training.
 
-The public API is listed in ``__all__`` (pinned by tests/ckptd/test_public_api.py).
+The public API is listed in ``__all__`` (pinned by tests/engine/test_public_api.py).
 """
 
 from ckptd.checkpoint_io import load, open_run, save
