@@ -261,13 +261,19 @@ class CheckpointWriter:
         metadata is written by exactly one writer, in parallel with the others)."""
         from ckptd.format.zarr_meta import ZARR_JSON, array_document
 
+        # Written by the shard pool: hundreds of small serial writes after the last shard would
+        # otherwise sit on the critical path of every save.
+        writes = []
         for path, a in self._report.arrays.items():
             if not a.lead or a.plan is None:
                 continue
             rec = a.record(path)
             for i, part in enumerate(rec.parts):
-                self.store.write(f"{rec.part_key(i)}/{ZARR_JSON}", [array_document(rec, part, i)])
+                doc = array_document(rec, part, i)
+                writes.append(self._pool.submit(self.store.write, f"{rec.part_key(i)}/{ZARR_JSON}", [doc]))
             self._report.documented.add(path)
+        for f in writes:
+            f.result()
 
 
 def write_state(
