@@ -8,7 +8,9 @@
 # 1. the `gpu`-marked tests (CUDA streams, events, pinned pool, per-optimizer waits),
 # 2. W2 (BENCHMARKS.md): checkpoint stall of the snapshot engine vs torch.save / DCP / idealised copy,
 # 3. the trainer's tokens/s and MFU with and without a checkpoint every 10 steps (~355M GPT).
-# Results and logs land in benchmarks/results/ (or $OUT).
+# Results and logs land in benchmarks/results/ (or $OUT). On a lent machine without ckptd's
+# dependencies: `bash benchmarks/device_wheels.sh` here, then carry .whl and run
+# `bash benchmarks/device_run.sh` there (rehearsed on CPU with a venv holding only the image's packages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,14 +25,14 @@ rc=0
 for part in "${parts[@]}"; do
   case "$part" in
     tests)
-      timeout 150 "$PYTEST" -m gpu tests -q -p no:cacheprovider --junitxml="$OUT/gpu-tests-$stamp.xml" \
+      timeout 150 $PYTEST -m gpu tests/engine/test_engine_gpu.py -q -p no:cacheprovider --junitxml="$OUT/gpu-tests-$stamp.xml" \
         2>&1 | tee "$OUT/gpu-tests-$stamp.txt"
       r=${PIPESTATUS[0]} ;;
     w2)
-      timeout 240 "$PY" benchmarks/w2_gpu.py --out "$OUT" 2>&1 | tee "$OUT/w2-gpu-$stamp.log"
+      timeout 240 $PY benchmarks/w2_gpu.py --out "$OUT" 2>&1 | tee "$OUT/w2-gpu-$stamp.log"
       r=${PIPESTATUS[0]} ;;
     train)
-      timeout 180 "$PY" benchmarks/train_gpu.py --steps 30 --out "$OUT" 2>&1 | tee "$OUT/train-gpu-$stamp.log"
+      timeout 180 $PY benchmarks/train_gpu.py --steps 30 --out "$OUT" 2>&1 | tee "$OUT/train-gpu-$stamp.log"
       r=${PIPESTATUS[0]} ;;
     *) echo "unknown part $part (tests, w2, train)"; r=2 ;;
   esac
