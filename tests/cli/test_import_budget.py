@@ -61,10 +61,13 @@ def run_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_import_of_the_catalog_client_loads_neither_torch_nor_fastapi() -> None:
+def test_import_ckptd_and_the_catalog_client_load_neither_torch_nor_fastapi() -> None:
     code = (
         "import sys, ckptd, ckptd.api.client, ckptd.wire.contract\n"
         "assert ckptd.api.client.CatalogClient.__module__ == 'ckptd.wire.client'\n"
+        # lazy, yet complete: dir() lists every public name before any is loaded
+        "assert set(ckptd.__all__) <= set(dir(ckptd)), set(ckptd.__all__) - set(dir(ckptd))\n"
+        "assert issubclass(ckptd.CheckpointNotFoundError, FileNotFoundError)\n"
         f"print({_MARK!r} + __import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     rc, out, loaded = ckptd_cli(code=code)
