@@ -27,6 +27,7 @@ from pydantic import (
 
 from ckptd.wire.contract import (
     MAX_DOC_BYTES,
+    MAX_ERROR_CHARS,
     MAX_LAYOUT_ARRAYS,
     MAX_METRICS,
     MAX_TAGS,
@@ -220,7 +221,7 @@ class CheckpointUpdate(Strict):
     """Engine-side updates; ``deleting``/``deleted`` are reached only through retention GC."""
 
     state: Literal["committed", "failed"] | None = None
-    error: Annotated[str, StringConstraints(max_length=4000)] | None = None
+    error: Annotated[str, StringConstraints(max_length=MAX_ERROR_CHARS)] | None = None
     nbytes: int | None = Field(default=None, ge=0, le=2**62)
     layout: LayoutDoc | None = None
     metrics: Metrics | None = Field(default=None, description="merged into the existing metrics")
