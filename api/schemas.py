@@ -25,11 +25,25 @@ from pydantic import (
     model_validator,
 )
 
-MAX_DOC_BYTES = 64 * 1024
-MAX_ARRAYS = 20_000
-MAX_STEP = 2**62
-MAX_ID = 2**31 - 1
-"""Ids are 32-bit integers on PostgreSQL."""
+from ckptd.wire.contract import (
+    MAX_DOC_BYTES,
+    MAX_ERROR_CHARS,
+    MAX_LAYOUT_ARRAYS,
+    MAX_METRICS,
+    MAX_TAGS,
+    METRIC_NAME_PATTERN,
+    METRIC_NAME_RE,
+    TAG_PATTERN,
+)
+from ckptd.wire.contract import (
+    MAX_ID as MAX_ID,  # re-exported: the routes bound ids and steps with the wire limits
+)
+from ckptd.wire.contract import (
+    MAX_STEP as MAX_STEP,
+)
+
+# The limits are the wire contract's (ckptd.wire.contract), shared with the engine.
+MAX_ARRAYS = MAX_LAYOUT_ARRAYS
 
 
 def _bounded_json(doc: dict[str, Any]) -> dict[str, Any]:
@@ -60,19 +74,19 @@ def check_alias_name(value: str) -> str:
     return value
 
 
-METRIC_RE = re.compile(r"[A-Za-z0-9_.\-/]{1,200}")
+METRIC_RE = METRIC_NAME_RE
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(check_segment)]
 AliasName = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(check_alias_name)]
 Selector = Annotated[str, StringConstraints(min_length=1, max_length=220), AfterValidator(check_selector)]
-MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-/]{1,200}$")]
+MetricName = Annotated[str, StringConstraints(pattern=f"^{METRIC_NAME_PATTERN}$")]
 MetricValue = Annotated[float, Field(allow_inf_nan=False)]
-Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-:]{1,100}$")]
+Tag = Annotated[str, StringConstraints(pattern=f"^{TAG_PATTERN}$")]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024), AfterValidator(check_uri)]
 Tier = Literal["memory", "local", "remote"]
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
 JsonDoc = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
-Metrics = Annotated[dict[MetricName, MetricValue], Field(max_length=100)]
-Tags = Annotated[list[Tag], Field(max_length=50)]
+Metrics = Annotated[dict[MetricName, MetricValue], Field(max_length=MAX_METRICS)]
+Tags = Annotated[list[Tag], Field(max_length=MAX_TAGS)]
 RunStatus = Literal["active", "completed", "failed", "archived"]
 CheckpointState = Literal["pending", "committed", "deleting", "deleted", "failed"]
 
@@ -207,7 +221,7 @@ class CheckpointUpdate(Strict):
     """Engine-side updates; ``deleting``/``deleted`` are reached only through retention GC."""
 
     state: Literal["committed", "failed"] | None = None
-    error: Annotated[str, StringConstraints(max_length=4000)] | None = None
+    error: Annotated[str, StringConstraints(max_length=MAX_ERROR_CHARS)] | None = None
     nbytes: int | None = Field(default=None, ge=0, le=2**62)
     layout: LayoutDoc | None = None
     metrics: Metrics | None = Field(default=None, description="merged into the existing metrics")

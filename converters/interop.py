@@ -19,8 +19,11 @@ from typing import Any, Literal
 import torch
 from ckptd.format.errors import CheckpointError, CheckpointNotFoundError, MetadataError
 from ckptd.format.manifest import Manifest
+from ckptd.format.run import Run
+from ckptd.format.tree import flatten
+from ckptd.format.writer import CheckpointWriter
 
-from ckptd.checkpoint_io import load, save
+from ckptd.storage import open_store
 
 ExportFormat = Literal["torch", "safetensors", "dcp", "hf"]
 
@@ -55,8 +58,7 @@ def export_checkpoint(
         return export_hf(
             uri, out, step=step, max_shard_bytes=limit, select=select, storage_options=storage_options
         )[0]
-    state: dict[str, Any] = {}
-    step = load(state, uri, step=step, storage_options=storage_options)
+    state, step = _load_whole(uri, step=step, storage_options=storage_options)
     out = Path(out)
     if fmt == "torch":
         torch.save(state, out)
@@ -109,14 +111,46 @@ def import_checkpoint(
         state = loaded if isinstance(loaded, dict) else {"value": loaded}
     else:
         raise CheckpointError(f"unknown import format {fmt!r} (torch, safetensors, hf or dcp)")
-    return save(
-        state,
-        uri,
-        step=step,
-        overwrite=overwrite,
-        storage_options=storage_options,
-        metadata={"imported_from": str(src)},
-    )
+    return _save_whole(state, uri, step=step, overwrite=overwrite, storage_options=storage_options,
+                       metadata={"imported_from": str(src)})
+
+
+# A converter reads and writes whole single-process states, so it builds on the format and the
+# storage directly, not on ckptd.save/load (whose DTensor and engine paths are layers above).
+def _load_whole(
+    uri: str, *, step: int | None, storage_options: dict[str, Any] | None
+) -> tuple[dict[str, Any], int]:
+    """The nested state of checkpoint ``step`` (default: the latest) and its step."""
+    run = Run(open_store(uri, storage_options))
+    if step is None:
+        step = run.latest()
+        if step is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {uri}")
+    state: dict[str, Any] = {}
+    run.reader(step).restore(state)
+    return state, step
+
+
+def _save_whole(
+    state: dict[str, Any],
+    uri: str,
+    *,
+    step: int,
+    overwrite: bool,
+    storage_options: dict[str, Any] | None,
+    metadata: dict[str, Any],
+) -> Manifest:
+    """Commit ``state`` (tensors and JSON values) as checkpoint ``step`` of run ``uri``."""
+    run = Run(open_store(uri, storage_options))
+    skeleton, tensors = flatten(state)
+    ckpt_store = run.prepare(step, overwrite=overwrite)
+    try:
+        writer = CheckpointWriter(ckpt_store)
+        for path, tensor in tensors.items():
+            writer.add(path, tensor)
+        return run.commit(step, [writer.finish()], state=skeleton, metadata=metadata)
+    finally:
+        run.abandon(step)  # a failed attempt stays for gc; a committed one needs no lease
 
 
 def detect_format(src: Path) -> ExportFormat:

@@ -34,7 +34,6 @@ from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecor
 from ckptd.format.names import check_segment
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally, expected_tally
-from ckptd.format.tree import tensor_paths
 from ckptd.format.writer import ArrayReport, WriterReport
 from ckptd.format.zarr_meta import (
     ZARR_JSON,
@@ -184,6 +183,8 @@ def publish(
     this attempt is then visible (its directory is collected by gc).
     """
     check_attempt(attempt)
+    from ckptd.format.tree import tensor_paths  # the tree module loads torch; reading a run must not
+
     missing = [p for p in tensor_paths(state) if p not in arrays]
     if missing:
         raise LayoutError(f"the state refers to arrays that no writer wrote: {missing[:5]}")
@@ -211,6 +212,8 @@ def publish(
 def _commit_v1(store: Store, *, step: int, arrays: dict[str, ArrayRecord], state: dict[str, Any],
                world_size: int, mesh: Mapping[str, int] | None,
                metadata: Mapping[str, Any] | None) -> Manifest:
+    from ckptd.format.tree import tensor_paths
+
     missing = [p for p in tensor_paths(state) if p not in arrays]
     if missing:
         raise LayoutError(f"the state refers to arrays that no writer wrote: {missing[:5]}")

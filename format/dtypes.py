@@ -8,11 +8,15 @@ in the manifest, and readers reinterpret the bits (``view``), never convert them
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from ckptd.format.errors import MetadataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,9 +24,17 @@ class LogicalDType:
     """A tensor dtype as the format names it, and the Zarr core dtype that stores its bits."""
 
     name: str
-    torch_dtype: torch.dtype
+    """Also the name of the torch dtype (``torch.bfloat16``)."""
     storage: str  # Zarr v3 core data type name, also a numpy dtype name
     itemsize: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        # looked up, not stored: reading a manifest (ckptd ls, verify, the catalog) never loads torch
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.name)
+        return dtype
 
     @property
     def numpy_storage(self) -> np.dtype[np.generic]:
@@ -35,31 +47,31 @@ class LogicalDType:
 
 
 _TABLE: tuple[LogicalDType, ...] = (
-    LogicalDType("float64", torch.float64, "float64", 8),
-    LogicalDType("float32", torch.float32, "float32", 4),
-    LogicalDType("float16", torch.float16, "float16", 2),
-    LogicalDType("bfloat16", torch.bfloat16, "uint16", 2),
-    LogicalDType("float8_e4m3fn", torch.float8_e4m3fn, "uint8", 1),
-    LogicalDType("float8_e5m2", torch.float8_e5m2, "uint8", 1),
-    LogicalDType("complex64", torch.complex64, "complex64", 8),
-    LogicalDType("complex128", torch.complex128, "complex128", 16),
-    LogicalDType("int8", torch.int8, "int8", 1),
-    LogicalDType("int16", torch.int16, "int16", 2),
-    LogicalDType("int32", torch.int32, "int32", 4),
-    LogicalDType("int64", torch.int64, "int64", 8),
-    LogicalDType("uint8", torch.uint8, "uint8", 1),
-    LogicalDType("uint16", torch.uint16, "uint16", 2),
-    LogicalDType("uint32", torch.uint32, "uint32", 4),
-    LogicalDType("uint64", torch.uint64, "uint64", 8),
-    LogicalDType("bool", torch.bool, "bool", 1),
+    LogicalDType("float64", "float64", 8),
+    LogicalDType("float32", "float32", 4),
+    LogicalDType("float16", "float16", 2),
+    LogicalDType("bfloat16", "uint16", 2),
+    LogicalDType("float8_e4m3fn", "uint8", 1),
+    LogicalDType("float8_e5m2", "uint8", 1),
+    LogicalDType("complex64", "complex64", 8),
+    LogicalDType("complex128", "complex128", 16),
+    LogicalDType("int8", "int8", 1),
+    LogicalDType("int16", "int16", 2),
+    LogicalDType("int32", "int32", 4),
+    LogicalDType("int64", "int64", 8),
+    LogicalDType("uint8", "uint8", 1),
+    LogicalDType("uint16", "uint16", 2),
+    LogicalDType("uint32", "uint32", 4),
+    LogicalDType("uint64", "uint64", 8),
+    LogicalDType("bool", "bool", 1),
 )
 
 BY_NAME: dict[str, LogicalDType] = {d.name: d for d in _TABLE}
-BY_TORCH: dict[torch.dtype, LogicalDType] = {d.torch_dtype: d for d in _TABLE}
-_TORCH_STORAGE: dict[str, torch.dtype] = {
-    "uint8": torch.uint8,
-    "uint16": torch.uint16,
-}
+
+
+@functools.cache
+def _by_torch() -> dict[torch.dtype, LogicalDType]:
+    return {d.torch_dtype: d for d in _TABLE}
 
 
 def logical_dtype(name: str) -> LogicalDType:
@@ -72,13 +84,15 @@ def logical_dtype(name: str) -> LogicalDType:
 
 def of_tensor(tensor: torch.Tensor) -> LogicalDType:
     try:
-        return BY_TORCH[tensor.dtype]
+        return _by_torch()[tensor.dtype]
     except KeyError:
         raise MetadataError(f"tensors of dtype {tensor.dtype} cannot be checkpointed") from None
 
 
 def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view (no copy when the tensor is a contiguous CPU tensor) of the tensor's stored bits."""
+    import torch
+
     dt = of_tensor(tensor)
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -86,7 +100,7 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if not t.is_contiguous():
         t = t.contiguous()
     if dt.bit_reinterpreted:
-        t = t.view(_TORCH_STORAGE[dt.storage])
+        t = t.view(getattr(torch, dt.storage))  # the same-width unsigned type: uint8 or uint16
     if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
         # numpy() does not support these torch dtypes; view through a same-width signed type.
         signed = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}[t.dtype]
@@ -96,6 +110,8 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def numpy_to_tensor(array: np.ndarray, dt: LogicalDType) -> torch.Tensor:
     """Wrap stored bits as a tensor of the logical dtype (shares memory with ``array``)."""
+    import torch
+
     arr = array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
     if arr.dtype.itemsize != dt.itemsize:
         raise MetadataError(f"stored item size {arr.dtype.itemsize} does not match {dt.name}")

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd.format.commit import check_tally, commit, new_attempt, publish
 from ckptd.format.commit_record import (
@@ -43,11 +43,13 @@ from ckptd.format.manifest import (
     parse,
     with_context,
 )
-from ckptd.format.reader import CheckpointReader
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally
 from ckptd.format.verify import Problem, verify
 from ckptd.format.writer import WriterReport
+
+if TYPE_CHECKING:  # the reader loads torch: listing, verifying and gc never restore
+    from ckptd.format.reader import CheckpointReader
 
 _STEP_DIR = re.compile(r"^step_(\d{10})$")
 _META_SUFFIX = ".meta"
@@ -147,6 +149,8 @@ class Run:
             if step is None:
                 raise CheckpointNotFoundError(f"no committed checkpoint in {self.url}")
         m = self.manifest(step)
+        from ckptd.format.reader import CheckpointReader
+
         return CheckpointReader(self.data_store(step, m), m, threads=threads)
 
     def verify(self, step: int, *, threads: int = 8) -> list[Problem]:

@@ -14,10 +14,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.dtypes import LogicalDType, of_tensor, tensor_to_numpy
@@ -29,6 +28,9 @@ from ckptd.format.plan import DEFAULT_CHUNK_BYTES, ArrayPlan, PartPlan, cached_p
 from ckptd.format.shard import ShardGeometry, encode_shard
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally, shard_fingerprint
+
+if TYPE_CHECKING:  # annotations only: verifying and listing runs import this module without torch
+    import torch
 
 
 def shard_key(array_key: str, coords: Sequence[int]) -> str:

@@ -49,7 +49,10 @@ Converter = Callable[[ConversionTask], dict[str, Any]]
 
 
 def default_converter(task: ConversionTask) -> dict[str, Any]:
-    """Reshard with ``ckptd.converters.reshard`` into a new run root at ``task.output_uri``."""
+    """Reshard with ``ckptd.converters.reshard`` into a new run root at ``task.output_uri``.
+
+    The one place the catalog uses converters (a job runs one); the arrow is allowed explicitly in
+    pyproject.toml's import contracts. Imported here so that ``ckptd serve`` never loads torch."""
     from ckptd.converters.reshard import reshard  # heavy (torch): only the worker thread imports it
     from ckptd.format.run import Run, step_dir
 

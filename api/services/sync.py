@@ -59,7 +59,10 @@ def root_exists(root: str) -> bool:
 
 
 def read_run_manifests(root: str) -> tuple[list[ManifestRecord], dict[str, str]]:
-    """Committed checkpoints under a run root, and steps whose manifest could not be read."""
+    """Committed checkpoints under a run root, and steps whose manifest could not be read.
+
+    The catalog reads storage here because the manifests in storage are the source of truth
+    (an arrow allowed explicitly in pyproject.toml's import contracts)."""
     from ckptd.format.run import Run, step_dir  # the storage stack is only needed when syncing
 
     from ckptd.storage import open_store

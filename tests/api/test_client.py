@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import httpx
-from ckptd.api.client import CatalogClient, ClientConfig
 
+from ckptd.wire.client import CatalogClient, ClientConfig
 from tests.api.conftest import TOKEN, LiveServer, layout, unique
 
 
@@ -17,6 +17,7 @@ def test_engine_flow_against_a_live_catalog(live: LiveServer, tmp_path: Path) ->
     run = unique()
     root = str(tmp_path / run)
     with CatalogClient(ClientConfig(base_url=live.url, token=TOKEN)) as client:
+        assert client.reachable()
         assert client.register_run(run, roots={"local": root})
         ref = client.register_checkpoint(
             run, 100, locations={"local": f"{root}/step_0000000100"}, layout=layout(), metrics={"loss": 1.5}
@@ -69,6 +70,8 @@ def test_catalog_down_never_raises_and_gives_up_within_the_deadline() -> None:
         assert client.resolve("r", "latest") is None
         assert time.monotonic() - start < 10
         assert client.failures == 5
+        assert client.reachable() is False  # the engine's outage probe: an answer, not an exception
+        assert client.failures == 5  # a probe is not a failed call
 
 
 def test_retries_transient_errors_but_not_client_errors() -> None:

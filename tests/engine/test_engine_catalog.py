@@ -214,7 +214,7 @@ def test_catalog_killed_during_training_then_sync_recovers_every_checkpoint(
     assert storage_steps == list(range(2, 25, 2))
     outage = [r for r in caplog.records if r.name == "ckptd.engine.catalog" and "unreachable" in r.message]
     assert len(outage) == 1, [r.message for r in caplog.records]  # one warning for the whole outage
-    assert not [r for r in caplog.records if r.name == "ckptd.api.client" and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name == "ckptd.wire.client" and r.levelno >= logging.WARNING]
 
     server = ServeProcess(db_url)  # restarted on the same database
     try:

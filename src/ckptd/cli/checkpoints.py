@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from ckptd.format.manifest import Manifest
-from ckptd.format.run import Run
-from ckptd.storage import open_store
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `ckptd --help` stays fast
+if TYPE_CHECKING:  # loaded by the commands, not by `ckptd --help` (numpy, numcodecs, fsspec)
+    from typing import Any
+
+    from ckptd.format.manifest import Manifest
+    from ckptd.format.run import Run
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(uri: str) -> Run:
+    from ckptd.format.run import Run
+    from ckptd.storage import open_store
+
     return Run(open_store(uri))
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ckptd.format.codecs import CodecSpec
 from ckptd.format.errors import LayoutError
-from ckptd.format.run import Run
-from ckptd.storage import open_store
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -80,6 +77,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ckptd.converters.reshard import reshard
+    from ckptd.format.codecs import CodecSpec
+    from ckptd.format.run import Run
+    from ckptd.storage import open_store
 
     src, dst = Run(open_store(args.src)), Run(open_store(args.dst))
     step = args.step if args.step is not None else src.latest()

@@ -20,12 +20,12 @@ This module imports neither torch nor the trainer at import time (``ckptd --help
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
-import threading
-from types import FrameType
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `ckptd --help` stays fast
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import Any
 
 SIGTERM_EXIT_CODE = 143
 """Status after a SIGTERM-triggered checkpoint (the ranks' own; 128 + SIGTERM)."""
@@ -107,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_forwarding_sigterm(cmd: list[str]) -> int:
     """Run the launcher; a SIGTERM to this process is passed on (by default it would orphan the ranks)."""
+    import signal
+    import subprocess
+    import threading
+
     proc = subprocess.Popen(cmd)
     if threading.current_thread() is not threading.main_thread():
         return proc.wait()  # signal handlers can only be installed on the main thread

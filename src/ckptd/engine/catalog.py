@@ -5,8 +5,9 @@ Invariants (rank 0 only; the other ranks never talk to the catalog):
 * **Training never waits for the catalog.** ``pending``/``committed``/``failed`` only append
   to a bounded queue; one daemon thread delivers them in order. A full queue drops the
   newest notification (counted in ``dropped``); nothing blocks.
-* **The catalog never raises into training.** ``CatalogClient`` returns ``None``/``False``
-  when it gives up; a bug in this module is caught and logged in the thread.
+* **The catalog never raises into training.** The client (:class:`CatalogPort`, implemented by
+  ``ckptd.wire.client.CatalogClient``) returns ``None``/``False`` when it gives up; a bug in this
+  module is caught and logged in the thread.
 * **One warning per outage.** After a failed call the thread asks ``/healthz``: when the
   catalog does not answer it is *down*: the warning is logged once, the head notification is
   kept and retried with backoff (notifications survive a short outage in order), and the
@@ -25,24 +26,22 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ckptd.engine.catalog_port import CatalogPort
 from ckptd.engine.config import CatalogConfig
 from ckptd.format.manifest import Manifest
+from ckptd.wire.client import LOGGER_NAME as CLIENT_LOGGER_NAME
+from ckptd.wire.contract import MAX_LAYOUT_ARRAYS, clean_metrics
 
 if TYPE_CHECKING:
-    from ckptd.api.client import CatalogClient, CheckpointRef, RollbackPointer
+    from ckptd.wire.client import CheckpointRef, RollbackPointer
 
 log = logging.getLogger(__name__)
 
-_METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,200}")
-MAX_METRICS = 100
-MAX_LAYOUT_ARRAYS = 20_000
-"""The catalog's bounds on one checkpoint (``ckptd.api.schemas``); beyond them we send less, not nothing."""
 _MAX_BACKOFF_S = 5.0
 _REJECTIONS_LOGGED = 5
 
@@ -51,7 +50,7 @@ Notification = Callable[[], bool]
 
 
 class _ClientLogGate(logging.Filter):
-    """Silences ``ckptd.api.client`` records emitted on the catalog threads of this module, keeping
+    """Silences the catalog client's records emitted on the catalog threads of this module, keeping
     the last message of each (the reason a call failed), so an outage is logged once, by us."""
 
     def __init__(self) -> None:
@@ -67,25 +66,7 @@ class _ClientLogGate(logging.Filter):
 
 
 _GATE = _ClientLogGate()
-logging.getLogger("ckptd.api.client").addFilter(_GATE)
-
-
-def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The metrics the catalog accepts (finite numbers, safe names); a NaN loss must not cost the
-    whole registration."""
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        if len(out) >= MAX_METRICS:
-            break
-        if (
-            isinstance(k, str)
-            and _METRIC_NAME.fullmatch(k)
-            and isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-        ):
-            out[k] = float(v)
-    return out
+logging.getLogger(CLIENT_LOGGER_NAME).addFilter(_GATE)
 
 
 def layout_summary(manifest: Manifest) -> dict[str, Any] | None:
@@ -104,9 +85,9 @@ def layout_summary(manifest: Manifest) -> dict[str, Any] | None:
     return {"mesh": {str(k): int(v) for k, v in manifest.mesh.items()}, "arrays": arrays}
 
 
-def _engine_client(config: CatalogConfig) -> CatalogClient:
-    # httpx and the client are imported only when a catalog is configured (optional dependency)
-    from ckptd.api.client import CatalogClient, ClientConfig
+def _engine_client(config: CatalogConfig) -> CatalogPort:
+    # httpx and the client are loaded only when a catalog is configured (optional dependency)
+    from ckptd.wire.client import CatalogClient, ClientConfig
 
     return CatalogClient(
         ClientConfig(
@@ -121,41 +102,20 @@ def _engine_client(config: CatalogConfig) -> CatalogClient:
     )
 
 
-def commit_checkpoint(
-    client: CatalogClient,
-    checkpoint_id: int,
-    *,
-    tier: str,
-    uri: str,
-    nbytes: int,
-    metrics: dict[str, float],
-    layout: dict[str, Any] | None,
-) -> bool:
-    """``PATCH /checkpoints/{id}`` to committed with the layout summary: ``CatalogClient.mark_committed``
-    has no ``layout`` argument (the endpoint takes one), so this wraps the client's own retrying call."""
-    from ckptd.api.client import _FAILED
-
-    body: dict[str, Any] = {"state": "committed", "nbytes": nbytes, "locations": [{"tier": tier, "uri": uri}]}
-    if metrics:
-        body["metrics"] = metrics
-    if layout is not None:
-        body["layout"] = layout
-    return (
-        client._safe(f"commit {checkpoint_id}", "PATCH", f"/checkpoints/{checkpoint_id}", json=body)
-        is not _FAILED
-    )
-
-
 class CatalogLink:
     """Rank 0's connection to the catalog for one run (see the module docstring)."""
 
-    def __init__(self, config: CatalogConfig, *, run: str, roots: Mapping[str, str]) -> None:
-        import httpx
-
+    def __init__(
+        self,
+        config: CatalogConfig,
+        *,
+        run: str,
+        roots: Mapping[str, str],
+        client: CatalogPort | None = None,
+    ) -> None:
         self.config = config
         self.run = run
-        self.client = _engine_client(config)
-        self._probe_http = httpx.Client(base_url=config.url.rstrip("/"), timeout=min(1.0, config.timeout_s))
+        self.client = client if client is not None else _engine_client(config)
         self._cond = threading.Condition()
         self._items: collections.deque[tuple[str, Notification]] = collections.deque()
         self._closing = False
@@ -202,8 +162,8 @@ class CatalogLink:
             cid = self._register(step, tier, uri, clean, parent)
             if cid is None:
                 return False
-            ok = commit_checkpoint(
-                self.client, cid, tier=tier, uri=uri, nbytes=nbytes, metrics=clean, layout=layout
+            ok = self.client.mark_committed(
+                cid, nbytes=nbytes, metrics=clean, locations={tier: uri}, layout=layout
             )
             if ok:
                 self._remember(self._committed, step, None)
@@ -320,10 +280,7 @@ class CatalogLink:
         return self.client.resolve(self.run, selector)
 
     def reachable(self) -> bool:
-        try:
-            return self._probe_http.get("/healthz").status_code == 200
-        except Exception:
-            return False
+        return self.client.reachable()
 
     # ---------------------------------------------------------------- the thread
     def _went_down(self) -> None:
@@ -436,7 +393,6 @@ class CatalogLink:
             self._cond.notify_all()
         self._thread.join(self.config.close_timeout_s + self.config.deadline_s + 1.0)
         self.client.close()
-        self._probe_http.close()
 
 
 CatalogNotifier = CatalogLink

@@ -51,7 +51,7 @@ from ckptd.format.manifest import Manifest
 from ckptd.format.run import step_dir
 
 if TYPE_CHECKING:
-    from ckptd.api.client import RollbackPointer
+    from ckptd.wire.client import RollbackPointer
 
 log = logging.getLogger(__name__)
 SIGTERM_EXIT_CODE = 143
