@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ckptd.format.errors import CheckpointError, LayoutError
+from ckptd.format.errors import CheckpointError, CoordinationTimeout, LayoutError
 from ckptd.format.manifest import ArrayRecord
 from ckptd.format.tally import Tally
 from ckptd.format.writer import WriterReport
@@ -59,10 +59,7 @@ class Gathered:
 
 
 Finalize = Callable[[Gathered], None]
-
-
-class CoordinationTimeout(CheckpointError, TimeoutError):
-    """Other ranks did not arrive in time (dead, stuck, or much slower): nothing was committed."""
+__all__ = ["CoordinationTimeout", "Coordinator", "DistributedCoordinator", "Gathered", "LocalCoordinator"]
 
 
 class Coordinator(Protocol):
