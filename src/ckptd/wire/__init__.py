@@ -1,0 +1,1 @@
+"""Rules shared across the engine/catalog seam (standard library only: the catalog client imports them)."""
