@@ -2,8 +2,7 @@
 
 The checkpointer reads its clock only at step boundaries, so a scripted clock (the save and
 restore paths' ``time`` replaced by one whose ``monotonic`` returns the next scripted instant)
-makes these
-tests exact: no sleeping, no timing in the assertions.
+makes these tests exact: no sleeping, no timing in the assertions.
 """
 
 from __future__ import annotations

@@ -24,7 +24,11 @@ MetricMode = Literal["min", "max"]
 
 
 def _positive(name: str, value: float | None) -> None:
-    if value is not None and (isinstance(value, bool) or value <= 0):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+    if not value > 0:  # also rejects NaN
         raise ConfigError(f"{name} must be positive, got {value!r}")
 
 
@@ -243,6 +247,10 @@ class CheckpointerConfig:
             self.codec = CodecSpec.parse(self.codec)
         if isinstance(self.catalog, str):
             self.catalog = CatalogConfig(url=self.catalog)
+        for t in self.tiers:
+            if not isinstance(t, TierConfig):
+                raise ConfigError(f"tiers must be TierConfig values (TierConfig.durable(uri), "
+                                  f"TierConfig.memory()), got {t!r}")
         names = [t.name for t in self.tiers]
         if len(names) != len(set(names)):
             raise ConfigError(f"tiers are listed twice: {names}")

@@ -115,8 +115,8 @@ def _check_step(step: int, shown: str) -> int:
 
 
 def _parse_best(text: str) -> Best:
-    metric, _, mode = text[len("best:") :].partition(":")
-    if not METRIC_RE.fullmatch(metric) or mode not in ("", "min", "max"):
+    metric, colon, mode = text[len("best:") :].partition(":")
+    if not METRIC_RE.fullmatch(metric) or (colon and mode not in ("min", "max")):
         raise SelectorError(f"selector {text[:240]!r} must be best:<metric>[:min|:max], the metric being "
                             "1-200 of A-Z a-z 0-9 _ . - /")
     return Best(metric, "max" if mode == "max" else "min")
