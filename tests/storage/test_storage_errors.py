@@ -20,7 +20,7 @@ def test_local_write_under_a_file_is_a_storage_error_with_key_and_url(tmp_path: 
         store.write("step_1/zarr.json", [b"{}"])
     assert err.value.key == "step_1/zarr.json"
     assert err.value.url == str(tmp_path / "root")
-    assert isinstance(err.value.__cause__, NotADirectoryError)
+    assert isinstance(err.value.__cause__, FileExistsError)  # mkdir where a file is
     with pytest.raises(ckptd.StorageError, match="publishing step_1/manifest") as err:
         store.write_atomic("step_1/manifest", b"{}")
     assert err.value.key == "step_1/manifest"
