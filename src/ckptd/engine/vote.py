@@ -48,8 +48,8 @@ class BoundaryVote:
                                f"{3 + tiers + flushers} slots, got {len(flags)}")
         return BoundaryVote(preempt=bool(flags[0]), terminate=bool(flags[1]),
                             rollback_to=_decode_step(flags[2]),
-                            timed=tuple(bool(f) for f in flags[3 : 3 + tiers]),
-                            busy=tuple(bool(f) for f in flags[3 + tiers :]))
+                            timed=tuple(map(bool, flags[3 : 3 + tiers])),
+                            busy=tuple(map(bool, flags[3 + tiers :])))
 
 
 @dataclass(frozen=True, slots=True)
