@@ -8,8 +8,8 @@ exception handler. Routes live under ``/api/v1`` (pinned); ``/healthz``, ``/metr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -30,7 +30,14 @@ from ckptd.api.schemas import Health
 from ckptd.api.services.jobs import Converter, JobRunner, default_converter
 from ckptd.api.services.retention import StorageDeleter, fsspec_delete
 from ckptd.api.settings import CatalogSettings
-from ckptd.format.errors import CheckpointError, LayoutError, MetadataError, StorageError
+from ckptd.format.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    LayoutError,
+    MetadataError,
+    StorageError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -45,11 +52,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def http_status(error: Exception) -> int:
     """The one place domain errors become HTTP statuses."""
-    if isinstance(error, NotFoundError):
+    if isinstance(error, NotFoundError | CheckpointNotFoundError):
         return 404
     if isinstance(error, ConflictError | IntegrityError):
         return 409
-    if isinstance(error, InvalidRequestError | MetadataError | LayoutError):
+    if isinstance(error, InvalidRequestError | MetadataError | LayoutError | ConfigError):
         return 422
     if isinstance(error, StorageDeleteError | StorageError):
         return 502
@@ -88,23 +95,11 @@ def create_app(
     if settings.migrate_on_start:
         db.upgrade()
     runner = JobRunner(db, converter, poll_s=settings.job_poll_s, lease_s=settings.job_lease_s)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # read-only endpoints run at most pool_size queries at a time (ckptd.api.deps.read)
-        app.state.read_limiter = anyio.CapacityLimiter(settings.pool_size)
-        runner.start()
-        try:
-            yield
-        finally:
-            runner.stop()
-            db.dispose()
-
     app = FastAPI(
         title="ckptd catalog",
         version="1",
         description="Runs and checkpoints of PyTorch distributed training: query, restore, roll back.",
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, db, runner),
     )
     app.state.settings = settings
     app.state.db = db
@@ -121,6 +116,32 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(run_routes.router, prefix=API_PREFIX)
     app.include_router(checkpoint_routes.router, prefix=API_PREFIX)
+    _add_system_routes(app, request_metrics)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _lifespan(
+    settings: CatalogSettings, db: Database, runner: JobRunner
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the job runner with the app; stop it and close the database pool at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # read-only endpoints run at most pool_size queries at a time (ckptd.api.deps.read)
+        app.state.read_limiter = anyio.CapacityLimiter(settings.pool_size)
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.stop()
+            db.dispose()
+
+    return lifespan
+
+
+def _add_system_routes(app: FastAPI, request_metrics: RequestMetrics) -> None:
+    """``/healthz``, ``/metrics`` and the web page ``/``."""
 
     @app.get("/healthz", response_model=Health, tags=["system"])
     def healthz(session: SessionDep, database: DatabaseDep) -> Health:
@@ -135,9 +156,6 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
 
 
 __all__ = ["API_PREFIX", "CatalogError", "create_app", "http_status"]

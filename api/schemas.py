@@ -8,7 +8,6 @@ metric values finite, collections and documents of bounded size.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -41,6 +40,7 @@ from ckptd.wire.contract import (
 from ckptd.wire.contract import (
     MAX_STEP as MAX_STEP,
 )
+from ckptd.wire.selector import Alias, is_reserved, parse_selector
 
 # The limits are the wire contract's (ckptd.wire.contract), shared with the engine.
 MAX_ARRAYS = MAX_LAYOUT_ARRAYS
@@ -53,23 +53,15 @@ def _bounded_json(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_selector(value: str) -> str:
-    if value == "latest":
-        return value
-    if re.fullmatch(r"step:\d+", value):
-        if len(value) > 5 + 19 or int(value[5:]) > MAX_STEP:
-            raise ValueError(f"selector {value[:40]!r}: steps go up to {MAX_STEP}")
-        return value
-    if value.startswith("best:"):
-        metric, _, mode = value[5:].partition(":")
-        if not METRIC_RE.fullmatch(metric) or mode not in ("", "min", "max"):
-            raise ValueError(f"selector {value!r} must be best:<metric>[:min|:max]")
-        return value
-    return check_alias_name(value)
+    """A selector in the grammar of :mod:`ckptd.wire.selector`; aliases must also be path segments."""
+    if isinstance(parse_selector(value), Alias):  # SelectorError is a ValueError: pydantic reports it
+        return check_alias_name(value)
+    return value
 
 
 def check_alias_name(value: str) -> str:
     check_segment(value)
-    if value == "latest" or value.startswith(("best:", "step:")):
+    if is_reserved(value):
         raise ValueError(f"alias {value!r} is reserved (latest, best:<metric>, step:<n>)")
     return value
 

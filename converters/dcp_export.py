@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from ckptd.converters.dcp_metadata import METADATA_FILE
 from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
-from ckptd.format.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, MetadataError
+from ckptd.format.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    MetadataError,
+    StorageError,
+)
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, restore
 
@@ -63,7 +68,7 @@ def export_dcp(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create {out}: {e}") from e
+        raise StorageError(f"cannot create {out}: {e}", url=str(out)) from e
 
     state_md: dict[str, Any] = {}
     storage_md: dict[Any, Any] = {}

@@ -22,7 +22,7 @@ import torch
 from ckptd.converters.dcp_metadata import check_storage_info, planner_paths, read_metadata
 from ckptd.converters.dcp_tree import KeyPath, array_paths, nest
 from ckptd.format.boxes import ShardBox
-from ckptd.format.errors import CheckpointError, IntegrityError, LayoutError, MetadataError
+from ckptd.format.errors import IntegrityError, LayoutError, MetadataError, StorageError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import flatten
@@ -123,7 +123,7 @@ def _record(src: Path, fqn: str, info: Any) -> bytes:
     except FileNotFoundError:
         raise IntegrityError(f"DCP item {fqn!r}: data file {path} is missing") from None
     except OSError as e:
-        raise CheckpointError(f"DCP item {fqn!r}: reading {path} failed: {e}") from e
+        raise StorageError(f"DCP item {fqn!r}: reading {path} failed: {e}", key=str(path)) from e
     if len(raw) != length:
         raise IntegrityError(f"DCP item {fqn!r}: {path} is truncated ({len(raw)} of {length} bytes)")
     return raw

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
 from ckptd.format.dtypes import tensor_to_numpy
-from ckptd.format.errors import CheckpointError, CheckpointNotFoundError, IntegrityError, MetadataError
+from ckptd.format.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    IntegrityError,
+    MetadataError,
+    StorageError,
+)
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, flatten
@@ -83,7 +89,7 @@ def export_hf(
             name = name[len(select) :]
         weights.append((name, str(node["path"])))
     if not weights:
-        raise CheckpointError(
+        raise CheckpointNotFoundError(
             f"step {step} of {uri} has no tensors" + (f" under {select!r}" if select else "")
         )
     shards = _plan_shards(reader.manifest, weights, max_shard_bytes)
@@ -91,7 +97,7 @@ def export_hf(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create {out}: {e}") from e
+        raise StorageError(f"cannot create {out}: {e}", url=str(out)) from e
     weight_map: dict[str, str] = {}
     total = 0
     for k, shard in enumerate(shards, 1):
@@ -112,7 +118,7 @@ def _plan_shards(m: Manifest, weights: list[tuple[str, str]], limit: int) -> lis
     for name, path in weights:
         a = m.arrays[path]
         if a.dtype.torch_dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: safetensors cannot hold {a.dtype.name} tensors")
+            raise ConfigError(f"{path}: safetensors cannot hold {a.dtype.name} tensors")
         n = a.nbytes
         if shards[-1] and size + n > limit:
             shards.append([])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from ckptd.format.errors import CheckpointError, CheckpointNotFoundError, MetadataError
+from ckptd.format.errors import CheckpointNotFoundError, ConfigError, MetadataError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import flatten
@@ -76,7 +76,7 @@ def export_checkpoint(
             metadata={"ckptd.step": str(step), "ckptd.values": json.dumps(values, default=str)},
         )
     else:
-        raise CheckpointError(f"unknown export format {fmt!r} (torch, safetensors, dcp or hf)")
+        raise ConfigError(f"unknown export format {fmt!r} (torch, safetensors, dcp or hf)")
     return step
 
 
@@ -110,7 +110,7 @@ def import_checkpoint(
             ) from e
         state = loaded if isinstance(loaded, dict) else {"value": loaded}
     else:
-        raise CheckpointError(f"unknown import format {fmt!r} (torch, safetensors, hf or dcp)")
+        raise ConfigError(f"unknown import format {fmt!r} (torch, safetensors, hf or dcp)")
     return _save_whole(state, uri, step=step, overwrite=overwrite, storage_options=storage_options,
                        metadata={"imported_from": str(src)})
 

@@ -52,7 +52,7 @@ class Lease:
         except OSError as e:
             raise StorageError(f"checking the lease {self.key} failed: {e}") from e
         if not alive:
-            raise CheckpointError(f"the save attempt's lease {self.store.url}/{self.key} was collected "
+            raise StorageError(f"the save attempt's lease {self.store.url}/{self.key} was collected "
                                   "(the writer paused for longer than gc --min-age); nothing was committed")
 
     def __exit__(self, *exc: object) -> None:

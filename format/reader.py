@@ -19,7 +19,13 @@ import torch
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import crc32c
 from ckptd.format.dtypes import numpy_to_tensor, of_tensor, tensor_to_numpy
-from ckptd.format.errors import CheckpointError, IntegrityError, LayoutError, StorageError
+from ckptd.format.errors import (
+    CheckpointError,
+    IntegrityError,
+    LayoutError,
+    MetadataError,
+    StorageError,
+)
 from ckptd.format.manifest import ArrayRecord, Manifest, PartRecord, ShardRecord
 from ckptd.format.shard import ShardGeometry, chunk_range, decode_index
 from ckptd.format.store import Store
@@ -74,7 +80,7 @@ class CheckpointReader:
             try:
                 dest = np.empty(box.shape, dtype=a.dtype.numpy_storage)
             except (MemoryError, ValueError) as e:  # a shape from a hostile or damaged manifest
-                raise CheckpointError(
+                raise MetadataError(
                     f"{path}: cannot allocate {list(box.shape)} {a.dtype.name} elements to read into: {e}"
                 ) from e
         self._fill(a, box, dest)

@@ -26,9 +26,9 @@ from ckptd.format.commit_record import (
     meta_key,
 )
 from ckptd.format.errors import (
-    CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConfigError,
     MetadataError,
     StorageError,
 )
@@ -57,7 +57,7 @@ _META_SUFFIX = ".meta"
 
 def step_dir(step: int) -> str:
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**10:
-        raise CheckpointError(f"step must be an integer in [0, 10**10), got {step!r}")
+        raise ConfigError(f"step must be an integer in [0, 10**10), got {step!r}")
     return f"step_{step:010d}"
 
 
@@ -105,7 +105,7 @@ class Run:
     def attempt_store(self, step: int, attempt: str) -> Store:
         """Where the writers of ``attempt`` put their shards (the attempt's Zarr group)."""
         if not ATTEMPT.match(attempt):
-            raise CheckpointError(f"attempt {attempt!r} is not a-<16 hex digits>")
+            raise MetadataError(f"attempt {attempt!r} is not a-<16 hex digits>")
         return self.store.child(f"{step_dir(step)}/{attempt}")
 
     def data_store(self, step: int, manifest: Manifest) -> Store:
@@ -133,7 +133,7 @@ class Run:
         m: Manifest = (with_context(where, lambda: parse(doc)) if version == 1
                        else load_manifest(self.checkpoint_store(step), doc, where))
         if m.step != step:
-            raise CheckpointError(f"{where} describes step {m.step}, not {step}")
+            raise MetadataError(f"{where} describes step {m.step}, not {step}")
         return m
 
     def rank_state(self, step: int, rank: int, manifest: Manifest) -> dict[str, Any] | None:
@@ -207,7 +207,7 @@ class Run:
         with self._lock:
             entry = self._open.get(step)
         if attempt is None and entry is None:
-            raise CheckpointError(f"step {step}: no save attempt is open in this process (call prepare)")
+            raise RuntimeError(f"step {step}: no save attempt is open in this process (call prepare)")
         lease = entry[1] if entry is not None and (attempt is None or attempt == entry[0]) else None
         attempt = attempt or (entry[0] if entry else None)
         # A failure leaves the attempt open (a caller may retry with complete reports); ``abandon``
@@ -240,7 +240,7 @@ class Run:
         with self._lock:
             entry = self._open.get(step)
         if entry is None:
-            raise CheckpointError(f"step {step}: no save attempt is open in this process (call prepare)")
+            raise RuntimeError(f"step {step}: no save attempt is open in this process (call prepare)")
         attempt, lease = entry
         check_tally(arrays, tally)
         totals = Totals(arrays=len(arrays), shards=tally.shards, nbytes=tally.nbytes,

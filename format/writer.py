@@ -250,7 +250,7 @@ class CheckpointWriter:
         if error is not None:
             if isinstance(error, CheckpointError):
                 raise error
-            raise CheckpointError(f"writing checkpoint shards failed: {error}") from error
+            raise StorageError(f"writing checkpoint shards failed: {error}", url=self.store.url) from error
         try:
             self.store.flush()
         except OSError as e:

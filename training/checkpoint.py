@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ckptd.format.boxes import ShardBox
-from ckptd.format.errors import CheckpointError
+from ckptd.format.errors import LayoutError
 from ckptd.training.adapter import STEP_PATH, CanonicalSpec, GPTStateAdapter
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.zero import ZeroAdamW
@@ -55,7 +55,7 @@ def canonical_catalog(specs: Mapping[str, CanonicalSpec], ctx: ParallelContext) 
         for path, shape, dtype in part:
             entry = (tuple(int(n) for n in shape), getattr(torch, dtype))
             if out.setdefault(path, entry) != entry:
-                raise CheckpointError(f"{path}: ranks disagree on its shape or dtype: {out[path]}, {entry}")
+                raise LayoutError(f"{path}: ranks disagree on its shape or dtype: {out[path]}, {entry}")
     return dict(sorted(out.items()))
 
 
@@ -155,7 +155,7 @@ class TrainerCheckpoint:
         missing = [p for p in self.catalog if p not in arrays]
         wrong = [p for p in self.catalog if p in arrays and arrays[p].shape != self.catalog[p][0]]
         if missing or wrong:
-            raise CheckpointError(
+            raise LayoutError(
                 f"checkpoint step {step} in {self.ckpt.config.uri} is not of this model: missing "
                 f"{missing[:3]}, other shapes {wrong[:3]} (same --layers/--width/--heads/--vocab/--untied?)"
             )

@@ -35,6 +35,8 @@ from ckptd.api.schemas import (
 from ckptd.api.services import checkpoints, retention, runs, selection, sync
 from fastapi import APIRouter, Query, Request, Response, status
 
+from ckptd.wire.selector import is_reserved
+
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 
@@ -130,7 +132,7 @@ def resolve_alias(session: SessionDep, run: RunName, name: AliasPathName) -> Ali
 
 def _resolved(session: SessionDep, run: str, selector: str) -> AliasPublic:
     ckpt = selection.resolve(session, run_name=run, selector=selector)
-    computed = selector == "latest" or selector.startswith(("best:", "step:"))
+    computed = is_reserved(selector)  # resolve() parsed it: reserved syntax is a computed selector
     return AliasPublic(
         run=ckpt.run.name, name=selector, computed=computed, checkpoint=checkpoints.checkpoint_public(ckpt)
     )

@@ -92,35 +92,8 @@ def list_checkpoints(
     ``[-]metric:<name>`` (only checkpoints that have the metric)."""
     check_limit(limit)
     key_name, descending, key_col, key_type = _sort_key(sort)
-    query: Select[Any] = select(*_COLUMNS, key_col.label("sort_key")).join(Run, Run.id == Checkpoint.run_id)
-    if key_name.startswith("metric:"):
-        query = query.join(
-            CheckpointMetric,
-            (CheckpointMetric.checkpoint_id == Checkpoint.id)
-            & (CheckpointMetric.name == key_name[len("metric:") :]),
-        )
-    elif key_name == "nbytes":
-        query = query.where(Checkpoint.nbytes.is_not(None))
-    if run is not None:
-        query = query.where(Run.name == check_segment(run))
-    if state is not None:
-        query = query.where(Checkpoint.state == state)
-    if tag is not None:
-        query = query.where(
-            select(CheckpointTag.tag)
-            .where(CheckpointTag.checkpoint_id == Checkpoint.id, CheckpointTag.tag == tag)
-            .exists()
-        )
-    if tier is not None:
-        query = query.where(
-            select(Location.tier)
-            .where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier)
-            .exists()
-        )
-    if min_step is not None:
-        query = query.where(Checkpoint.step >= min_step)
-    if max_step is not None:
-        query = query.where(Checkpoint.step <= max_step)
+    query = _sorted_query(key_name, key_col)
+    query = _filtered(query, run=run, state=state, tag=tag, tier=tier, min_step=min_step, max_step=max_step)
     if cursor is not None:
         try:
             key, row_id = decode_cursor(cursor, key_type)
@@ -144,6 +117,54 @@ def list_checkpoints(
         next_cursor = encode_cursor(value, last.id)
     items = _public(session, rows)
     return CheckpointPage.model_construct(items=items, next_cursor=next_cursor)
+
+
+def _sorted_query(key_name: str, key_col: Any) -> Select[Any]:
+    """The page's columns plus its sort key; a metric sort keeps only checkpoints with that metric."""
+    query: Select[Any] = select(*_COLUMNS, key_col.label("sort_key")).join(Run, Run.id == Checkpoint.run_id)
+    if key_name.startswith("metric:"):
+        return query.join(
+            CheckpointMetric,
+            (CheckpointMetric.checkpoint_id == Checkpoint.id)
+            & (CheckpointMetric.name == key_name[len("metric:") :]),
+        )
+    if key_name == "nbytes":
+        return query.where(Checkpoint.nbytes.is_not(None))
+    return query
+
+
+def _filtered(
+    query: Select[Any],
+    *,
+    run: str | None,
+    state: str | None,
+    tag: str | None,
+    tier: str | None,
+    min_step: int | None,
+    max_step: int | None,
+) -> Select[Any]:
+    """The query restricted by each filter given (None: not filtered)."""
+    if run is not None:
+        query = query.where(Run.name == check_segment(run))
+    if state is not None:
+        query = query.where(Checkpoint.state == state)
+    if tag is not None:
+        query = query.where(
+            select(CheckpointTag.tag)
+            .where(CheckpointTag.checkpoint_id == Checkpoint.id, CheckpointTag.tag == tag)
+            .exists()
+        )
+    if tier is not None:
+        query = query.where(
+            select(Location.tier)
+            .where(Location.checkpoint_id == Checkpoint.id, Location.tier == tier)
+            .exists()
+        )
+    if min_step is not None:
+        query = query.where(Checkpoint.step >= min_step)
+    if max_step is not None:
+        query = query.where(Checkpoint.step <= max_step)
+    return query
 
 
 def _public(session: Session, rows: Sequence[Row[Any]]) -> list[CheckpointPublic]:

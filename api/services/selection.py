@@ -1,6 +1,7 @@
 """Choosing a checkpoint: selectors, aliases and a run's rollback pointer.
 
-Selector grammar (also what ``Checkpointer.restore(select=...)`` sends):
+Selectors follow the one grammar of :mod:`ckptd.wire.selector` (also what
+``Checkpointer.restore(select=...)`` sends):
 
 * ``latest`` — the committed checkpoint with the highest step;
 * ``best:<metric>`` / ``best:<metric>:min`` / ``best:<metric>:max`` — the committed checkpoint with the
@@ -18,45 +19,50 @@ import contextlib
 
 from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from ckptd.api.models import Alias, Checkpoint, CheckpointMetric, Rollback, Run, utcnow
-from ckptd.api.schemas import MAX_STEP, RollbackRequest
+from ckptd.api.schemas import RollbackRequest
 from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.services.runs import get_run
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from ckptd.wire.selector import Alias as AliasSelector
+from ckptd.wire.selector import Best, Latest, SelectorError, parse_selector
+
 
 def resolve(session: Session, *, run_name: str, selector: str) -> Checkpoint:
+    """The committed checkpoint ``selector`` names (grammar: :mod:`ckptd.wire.selector`)."""
     run = get_run(session, name=run_name)
+    try:
+        parsed = parse_selector(selector)
+    except SelectorError as e:
+        raise InvalidRequestError(str(e)) from None
     query = select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.state == "committed")
-    if selector == "latest":
+    if isinstance(parsed, AliasSelector):
+        return _aliased(session, run, parsed.name)
+    if isinstance(parsed, Latest):
         ckpt = session.scalar(query.order_by(Checkpoint.step.desc()).limit(1))
-    elif selector.startswith("best:"):
-        metric, _, mode = selector[len("best:") :].partition(":")
-        if mode not in ("", "min", "max"):
-            raise InvalidRequestError(f"selector {selector!r}: mode must be min or max")
-        value = CheckpointMetric.value.desc() if mode == "max" else CheckpointMetric.value.asc()
+    elif isinstance(parsed, Best):
+        value = CheckpointMetric.value.desc() if parsed.maximize else CheckpointMetric.value.asc()
         ckpt = session.scalar(
             query.join(CheckpointMetric, CheckpointMetric.checkpoint_id == Checkpoint.id)
-            .where(CheckpointMetric.name == metric)
+            .where(CheckpointMetric.name == parsed.metric)
             .order_by(value, Checkpoint.step.desc())
             .limit(1)
         )
-    elif selector.startswith("step:"):
-        digits = selector[len("step:") :]
-        if not digits.isascii() or not digits.isdigit() or len(digits) > 19 or int(digits) > MAX_STEP:
-            raise InvalidRequestError(f"selector {selector[:40]!r}: step must be an integer up to {MAX_STEP}")
-        step = int(digits)
-        ckpt = session.scalar(query.where(Checkpoint.step == step))
     else:
-        alias = session.get(Alias, (run.id, selector))
-        if alias is None:
-            raise NotFoundError("alias", f"{run.name}/{selector}")
-        if alias.checkpoint.state != "committed":
-            raise ConflictError(f"alias {selector!r} points at a {alias.checkpoint.state} checkpoint")
-        ckpt = alias.checkpoint
+        ckpt = session.scalar(query.where(Checkpoint.step == parsed.step))
     if ckpt is None:
         raise NotFoundError("committed checkpoint", f"{run.name}/{selector}")
     return ckpt
+
+
+def _aliased(session: Session, run: Run, name: str) -> Checkpoint:
+    alias = session.get(Alias, (run.id, name))
+    if alias is None:
+        raise NotFoundError("alias", f"{run.name}/{name}")
+    if alias.checkpoint.state != "committed":
+        raise ConflictError(f"alias {name!r} points at a {alias.checkpoint.state} checkpoint")
+    return alias.checkpoint
 
 
 def set_alias(session: Session, *, run_name: str, name: str, checkpoint_id: int) -> Alias:

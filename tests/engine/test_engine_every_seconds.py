@@ -1,8 +1,8 @@
 """The ``every_seconds`` policy: a snapshot at the first step boundary once the interval has passed.
 
-The checkpointer reads its clock only at step boundaries, so a scripted clock (the module's
-``time`` replaced by one whose ``monotonic`` returns the next scripted instant) makes these
-tests exact: no sleeping, no timing in the assertions.
+The checkpointer reads its clock only at step boundaries, so a scripted clock (the save and
+restore paths' ``time`` replaced by one whose ``monotonic`` returns the next scripted instant)
+makes these tests exact: no sleeping, no timing in the assertions.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from ckptd.format.errors import CheckpointError
 from workload import make, params, seed_all, train_step
 
 import ckptd
-import ckptd.engine.checkpointer as checkpointer_module
+import ckptd.engine.restore_path as restore_path_module
+import ckptd.engine.save_path as save_path_module
 from ckptd.engine.config import TierConfig
 from ckptd.engine.policy import SavePolicy
 
@@ -36,7 +37,8 @@ class ScriptedClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> ScriptedClock:
     c = ScriptedClock(1000.0)
     fake = types.SimpleNamespace(monotonic=c.monotonic, perf_counter=time.perf_counter)
-    monkeypatch.setattr(checkpointer_module, "time", fake)
+    monkeypatch.setattr(save_path_module, "time", fake)  # the save path reads the clock
+    monkeypatch.setattr(restore_path_module, "time", fake)  # a restore restarts the intervals
     return c
 
 

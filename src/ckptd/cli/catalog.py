@@ -96,14 +96,14 @@ def _serve(args: argparse.Namespace) -> int:
         ENV_MAX_BODY_BYTES,
         CatalogSettings,
     )
-    from ckptd.format.errors import CheckpointError
+    from ckptd.format.errors import ConfigError
 
     # The app factory reads its settings from the environment so that every uvicorn worker builds its
     # own app: the flags travel there.
     os.environ[ENV_DATABASE_URL] = _url(args)
     if args.allow_root:
         if any("," in r for r in args.allow_root):
-            raise CheckpointError("--allow-root: a prefix cannot contain ','")
+            raise ConfigError("--allow-root: a prefix cannot contain ','")
         os.environ[ENV_ALLOW_ROOTS] = ",".join(args.allow_root)
     if args.max_body_bytes is not None:
         os.environ[ENV_MAX_BODY_BYTES] = str(args.max_body_bytes)
@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = CatalogSettings()  # what each worker will build: refuse bad values here, in one line
     except ValueError as e:
-        raise CheckpointError(str(e)) from e
+        raise ConfigError(str(e)) from e
     print(f"ckptd serve: run roots allowed under {list(settings.allow_roots)}", file=sys.stderr)
     if not os.environ.get("CKPTD_API_TOKEN"):
         print("ckptd serve: CKPTD_API_TOKEN is not set; the catalog is read-only", file=sys.stderr)

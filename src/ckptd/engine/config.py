@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from ckptd.format.boxes import ShardBox
 from ckptd.format.codecs import CodecSpec
-from ckptd.format.errors import CheckpointError, LayoutError
+from ckptd.format.errors import ConfigError, LayoutError
 from ckptd.format.layout import TensorLayout
 from ckptd.format.plan import DEFAULT_CHUNK_BYTES
 
@@ -24,8 +24,12 @@ MetricMode = Literal["min", "max"]
 
 
 def _positive(name: str, value: float | None) -> None:
-    if value is not None and (isinstance(value, bool) or value <= 0):
-        raise CheckpointError(f"{name} must be positive, got {value!r}")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+    if not value > 0:  # also rejects NaN
+        raise ConfigError(f"{name} must be positive, got {value!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,9 +52,9 @@ class Retention:
         _positive("keep_every", self.keep_every)
         _positive("keep_best", self.keep_best)
         if self.keep_best is not None and not self.metric:
-            raise CheckpointError("keep_best needs the name of a metric (metric=...)")
+            raise ConfigError("keep_best needs the name of a metric (metric=...)")
         if self.mode not in ("min", "max"):
-            raise CheckpointError(f"mode must be 'min' or 'max', got {self.mode!r}")
+            raise ConfigError(f"mode must be 'min' or 'max', got {self.mode!r}")
 
     @property
     def keeps_everything(self) -> bool:
@@ -81,15 +85,15 @@ class TierConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("memory", "local", "remote"):
-            raise CheckpointError(f"unknown tier kind {self.kind!r} (memory, local or remote)")
+            raise ConfigError(f"unknown tier kind {self.kind!r} (memory, local or remote)")
         if self.kind != "memory" and not self.uri:
-            raise CheckpointError(f"a {self.kind} tier needs a uri")
+            raise ConfigError(f"a {self.kind} tier needs a uri")
         if self.kind == "local" and self.uri and "://" in self.uri and not self.uri.startswith("file://"):
-            raise CheckpointError(f"local tier uri {self.uri!r} is a URL; use a remote tier")
+            raise ConfigError(f"local tier uri {self.uri!r} is a URL; use a remote tier")
         if self.kind == "memory" and self.retention.keep_last is None:
             self.retention = Retention(keep_last=1)  # host memory is bounded: never "keep all"
         if self.kind == "memory" and (self.retention.keep_every or self.retention.keep_best):
-            raise CheckpointError("the memory tier supports keep_last only")
+            raise ConfigError("the memory tier supports keep_last only")
         _positive("every", self.every)
         _positive("every_seconds", self.every_seconds)
         _positive("chunk_bytes", self.chunk_bytes)
@@ -178,13 +182,13 @@ class CatalogConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
-            raise CheckpointError(f"catalog must be an http(s):// URL, got {self.url!r}")
+            raise ConfigError(f"catalog must be an http(s):// URL, got {self.url!r}")
         _positive("poll_s", self.poll_s)
         _positive("queue_size", self.queue_size)
         _positive("timeout_s", self.timeout_s)
         _positive("deadline_s", self.deadline_s)
         if self.close_timeout_s < 0:
-            raise CheckpointError(f"close_timeout_s must be >= 0, got {self.close_timeout_s}")
+            raise ConfigError(f"close_timeout_s must be >= 0, got {self.close_timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -229,7 +233,7 @@ class CheckpointerConfig:
     def __post_init__(self) -> None:
         _positive("agree_every", self.agree_every)
         if not isinstance(self.uri, str) or not self.uri:
-            raise CheckpointError("Checkpointer needs a run root uri")
+            raise ConfigError("Checkpointer needs a run root uri")
         _positive("every", self.every)
         _positive("every_seconds", self.every_seconds)
         _positive("chunk_bytes", self.chunk_bytes)
@@ -238,14 +242,18 @@ class CheckpointerConfig:
         _positive("host_budget_bytes", self.host_budget_bytes)
         _positive("commit_timeout_s", self.commit_timeout_s)
         if self.memory_keep < 0:
-            raise CheckpointError(f"memory_keep must be >= 0, got {self.memory_keep}")
+            raise ConfigError(f"memory_keep must be >= 0, got {self.memory_keep}")
         if isinstance(self.codec, str):
             self.codec = CodecSpec.parse(self.codec)
         if isinstance(self.catalog, str):
             self.catalog = CatalogConfig(url=self.catalog)
+        for t in self.tiers:
+            if not isinstance(t, TierConfig):
+                raise ConfigError(f"tiers must be TierConfig values (TierConfig.durable(uri), "
+                                  f"TierConfig.memory()), got {t!r}")
         names = [t.name for t in self.tiers]
         if len(names) != len(set(names)):
-            raise CheckpointError(f"tiers are listed twice: {names}")
+            raise ConfigError(f"tiers are listed twice: {names}")
 
     def all_tiers(self) -> list[TierConfig]:
         """The tiers in order fastest first: memory, then local, then remote."""

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ckptd.format.errors import CheckpointError, LayoutError
+from ckptd.format.errors import ConfigError, CoordinationTimeout, LayoutError, StorageError
 from ckptd.format.manifest import ArrayRecord
 from ckptd.format.tally import Tally
 from ckptd.format.writer import WriterReport
@@ -59,10 +59,7 @@ class Gathered:
 
 
 Finalize = Callable[[Gathered], None]
-
-
-class CoordinationTimeout(CheckpointError, TimeoutError):
-    """Other ranks did not arrive in time (dead, stuck, or much slower): nothing was committed."""
+__all__ = ["CoordinationTimeout", "Coordinator", "DistributedCoordinator", "Gathered", "LocalCoordinator"]
 
 
 class Coordinator(Protocol):
@@ -134,7 +131,8 @@ class DistributedCoordinator:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise CheckpointError("DistributedCoordinator needs an initialised torch.distributed group")
+            raise ConfigError("DistributedCoordinator needs an initialised torch.distributed group "
+                              "(torch.distributed.init_process_group first)")
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.timeout_s = timeout_s
@@ -217,7 +215,7 @@ class DistributedCoordinator:
                     raise error
                 doc = json.loads(store.get(f"{key}/done").decode())
                 if not isinstance(doc, dict) or "error" in doc:
-                    raise CheckpointError(f"checkpoint {key} was not committed: "
+                    raise StorageError(f"checkpoint {key} was not committed: "
                                           f"{doc.get('error') if isinstance(doc, dict) else doc}")
         finally:
             self._leave(store, key)
@@ -239,7 +237,7 @@ class DistributedCoordinator:
         try:
             self._wait(f"{key}/all", f"every rank's shards of {key}")
             if store.add(f"{key}/failed", 0):
-                raise CheckpointError(f"checkpoint {key} failed on {store.get(f'{key}/error').decode()}")
+                raise StorageError(f"checkpoint {key} failed on {store.get(f'{key}/error').decode()}")
             counts = {name: store.add(f"{key}/n/{name}", 0) for name in _COUNTERS}
             leads = []
             for i in range(store.add(f"{key}/nleads", 0)):

@@ -15,7 +15,7 @@ import time
 
 from ckptd.engine.snapshot import Snapshot
 from ckptd.engine.tiers import StoreTier
-from ckptd.format.errors import CheckpointError
+from ckptd.format.errors import CheckpointError, ConfigError
 
 
 class Flusher:
@@ -43,9 +43,9 @@ class Flusher:
         """Hand over a snapshot (the flusher must be idle); the flusher takes its own reference."""
         with self._cond:
             if self._closed:
-                raise CheckpointError(f"{self.tier.name}: the checkpointer is closed")
+                raise ConfigError(f"{self.tier.name}: the checkpointer is closed")
             if self._busy or self._job is not None:
-                raise CheckpointError(f"{self.tier.name}: flusher is busy")  # a bug in the caller
+                raise RuntimeError(f"{self.tier.name}: flusher is busy")  # a bug in the caller
             self._job = (snap.retain(), f"t{self.index}/s{seq}")
             self._cond.notify_all()
 

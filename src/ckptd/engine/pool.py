@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ckptd.format.errors import CheckpointError
+from ckptd.format.errors import ConfigError, StorageError
 
 ALIGN = 64  # bytes: every carved view starts on a cache line (and satisfies any dtype's alignment)
 
@@ -71,7 +71,7 @@ class HostPool:
 
     def __init__(self, *, max_slots: int, budget_bytes: int | None = None, pin: bool | None = None) -> None:
         if max_slots < 1:
-            raise CheckpointError(f"the host pool needs at least one slot, got {max_slots}")
+            raise RuntimeError(f"the host pool needs at least one slot, got {max_slots}")  # a ckptd bug
         self.max_slots = max_slots
         self.budget_bytes = budget_bytes
         self.pin = torch.cuda.is_available() if pin is None else pin
@@ -95,7 +95,7 @@ class HostPool:
                 timeout: float | None = None) -> Slot:
         """A slot of at least ``nbytes`` with one reference, for the caller's new snapshot."""
         if self.budget_bytes is not None and nbytes > self.budget_bytes:
-            raise CheckpointError(
+            raise ConfigError(
                 f"one snapshot needs {nbytes} bytes of host memory; host_budget_bytes is {self.budget_bytes}")
         with self._cond:
             while True:
@@ -122,7 +122,8 @@ class HostPool:
                     if evicted:
                         continue
                 if not self._cond.wait(timeout):
-                    raise CheckpointError("timed out waiting for a free host snapshot slot")
+                    raise StorageError("timed out waiting for a free host snapshot slot (a flush to "
+                                       "storage is still running)")
             slot.refs = 1
             return slot
 
@@ -132,13 +133,13 @@ class HostPool:
     def retain(self, slot: Slot) -> None:
         with self._cond:
             if slot.refs <= 0:
-                raise CheckpointError("retaining a released snapshot slot")
+                raise RuntimeError("retaining a released snapshot slot")  # a ckptd bug
             slot.refs += 1
 
     def release(self, slot: Slot) -> None:
         with self._cond:
             if slot.refs <= 0:
-                raise CheckpointError("releasing a snapshot slot twice")
+                raise RuntimeError("releasing a snapshot slot twice")  # a ckptd bug
             slot.refs -= 1
             if slot.refs == 0:
                 self._free.append(slot)

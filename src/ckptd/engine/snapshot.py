@@ -25,7 +25,7 @@ import torch
 from ckptd.engine.config import ShardSpec
 from ckptd.engine.dtensor import local_tensor
 from ckptd.engine.pool import HostPool, Slot, arena_bytes
-from ckptd.format.errors import CheckpointError
+from ckptd.format.errors import StorageError
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -83,7 +83,7 @@ class Snapshot:
             while self._cpu_pending:
                 self._cond.wait()
             if self._error is not None:
-                raise CheckpointError(f"snapshot of step {self.step} failed: {self._error}") from self._error
+                raise StorageError(f"snapshot of step {self.step} failed: {self._error}") from self._error
         for ev in self._events:
             ev.synchronize()
 

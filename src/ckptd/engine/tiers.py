@@ -22,7 +22,13 @@ from ckptd.engine.snapshot import Snapshot
 from ckptd.format.boxes import ShardBox
 from ckptd.format.commit import check_tally, publish
 from ckptd.format.commit_record import LEASE_NAME, encode_rank_state, meta_key, rank_key
-from ckptd.format.errors import CheckpointError, CheckpointExistsError, LayoutError
+from ckptd.format.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    LayoutError,
+    StorageError,
+)
 from ckptd.format.lease import Lease
 from ckptd.format.manifest import Manifest, Totals
 from ckptd.format.run import Run, step_dir
@@ -79,7 +85,7 @@ class MemoryTier:
     def load(self, step: int, state: Any) -> Snapshot:
         snap = self.get(step)
         if snap is None:
-            raise CheckpointError(f"step {step} is not held in host memory")
+            raise CheckpointNotFoundError(f"step {step} is not held in host memory")
         snap.wait_copied()
 
         def read(path: str, dest: torch.Tensor | None) -> torch.Tensor:
@@ -147,7 +153,8 @@ class StoreTier:
                     self.on_failed(self.name, snap.step, e)
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{self.name}: checkpoint of step {snap.step} failed: {e}") from e
+            raise StorageError(f"{self.name}: checkpoint of step {snap.step} failed: {e}",
+                               url=self.run.url) from e
         finally:
             for held in lease:
                 held.__exit__()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import fsspec
 
 from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
+from ckptd.storage.errors import Missing, map_exceptions
 
 
 class FsspecStore:
@@ -33,7 +35,7 @@ class FsspecStore:
         try:
             fs, path = fsspec.core.url_to_fs(url, **opts)
         except (ImportError, ValueError) as e:
-            raise StorageError(f"cannot open {url}: {e}") from e
+            raise StorageError(f"cannot open {url}: {e}", url=url) from e
         return FsspecStore(fs, path, protocol=protocol)
 
     @property
@@ -42,30 +44,26 @@ class FsspecStore:
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or any(p in ("..", ".") for p in key.split("/") if p):
-            raise StorageError(f"refusing key {key!r}: it would leave the store root {self.url}")
+            raise StorageError(f"refusing key {key!r}: it would leave the store root {self.url}", key=key,
+                               url=self.url)
         return f"{self.root}/{key}" if key else self.root
 
     def child(self, prefix: str) -> FsspecStore:
         return FsspecStore(self.fs, self._path(prefix), protocol=self.protocol)
 
-    def _wrap(self, what: str, e: BaseException) -> StorageError:
-        return StorageError(f"{what} on {self.url} failed: {type(e).__name__}: {e}")
+    def _mapped(self, what: str, key: str, missing: Missing = "raise") -> AbstractContextManager[None]:
+        """Backend errors of ``what`` on ``key`` as ``StorageError`` (see ``storage/errors.py``)."""
+        return map_exceptions(f"{what} {key or '/'}", url=self.url, key=key, missing=missing)
 
     def write(self, key: str, data: Sequence[Buffer]) -> int:
         blob = data[0] if len(data) == 1 and isinstance(data[0], bytes) else b"".join(data)
-        try:
+        with self._mapped("writing", key, missing="wrap"):
             self.fs.pipe_file(self._path(key), blob)
-        except FileNotFoundError as e:
-            raise self._wrap(f"writing {key}", e) from e
-        except Exception as e:  # botocore/aiohttp errors do not derive from OSError
-            raise self._wrap(f"writing {key}", e) from e
         return len(blob)
 
     def open_write(self, key: str) -> _FsspecStream:
-        try:
+        with self._mapped("opening for writing", key, missing="wrap"):
             return _FsspecStream(self.fs.open(self._path(key), "wb", block_size=32 * 2**20), self, key)
-        except Exception as e:
-            raise self._wrap(f"opening {key} for writing", e) from e
 
     def write_atomic(self, key: str, data: bytes) -> None:
         # A single PUT is atomic on S3 and every object store; memory:// is atomic per call.
@@ -77,33 +75,26 @@ class FsspecStore:
         one step can both believe they won, but each manifest names its own attempt directory, so
         the data of two attempts still never mixes (see SPEC.md, "Commit protocol")."""
         path = self._path(key)
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            raise CheckpointExistsError(
-                f"{self.url}/{key} already exists: another writer committed first"
-            ) from None
-        except Exception as e:
-            if _precondition_failed(e):
-                raise CheckpointExistsError(
-                    f"{self.url}/{key} already exists: another writer committed first"
-                ) from None
-            raise self._wrap(f"writing {key}", e) from e
+        with self._mapped("writing", key, missing="wrap"):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except Exception as e:
+                if isinstance(e, FileExistsError) or _precondition_failed(e):
+                    raise CheckpointExistsError(
+                        f"{self.url}/{key} already exists: another writer committed first"
+                    ) from None
+                raise
 
     def flush(self) -> None:
         """Every completed PUT is durable on object stores."""
 
     def read(self, key: str) -> bytes:
-        try:
+        with self._mapped("reading", key):
             return bytes(self.fs.cat_file(self._path(key)))
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise self._wrap(f"reading {key}", e) from e
 
     def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         path = self._path(key)
-        try:
+        with self._mapped("reading", key):
             if len(ranges) == 1:
                 start, stop = ranges[0]
                 return [bytes(self.fs.cat_file(path, start=start, end=stop))]
@@ -111,56 +102,39 @@ class FsspecStore:
                 [path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges], on_error="raise"
             )
             return [bytes(b) for b in out]
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise self._wrap(f"reading {key}", e) from e
 
     def read_tail(self, key: str, n: int) -> bytes:
         path = self._path(key)
-        try:
-            return bytes(self.fs.cat_file(path, start=-n))
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            if "InvalidRange" in str(e) or "416" in str(e):  # shorter than n: the whole object
-                return self.read(key)
-            raise self._wrap(f"reading {key}", e) from e
+        with self._mapped("reading", key):
+            try:
+                return bytes(self.fs.cat_file(path, start=-n))
+            except Exception as e:
+                if isinstance(e, FileNotFoundError) or ("InvalidRange" not in str(e) and "416" not in str(e)):
+                    raise
+        return self.read(key)  # shorter than n: the whole object
 
     def size(self, key: str) -> int:
-        try:
+        with self._mapped("stat", key):
             return int(self.fs.size(self._path(key)))
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise self._wrap(f"stat {key}", e) from e
 
     def exists(self, key: str) -> bool:
-        try:
+        with self._mapped("checking", key, missing="wrap"):
             return bool(self.fs.exists(self._path(key)))
-        except Exception as e:
-            raise self._wrap(f"checking {key}", e) from e
 
     def list_dir(self, prefix: str) -> list[str]:
         path = self._path(prefix)
-        try:
+        entries: list[Any] = []  # a missing prefix lists as empty
+        with self._mapped("listing", prefix, missing="ignore"):
             self.fs.invalidate_cache(path)
             entries = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-        except Exception as e:
-            raise self._wrap(f"listing {prefix or '/'}", e) from e
         names = sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
         return [n for n in names if n and not n.startswith(".") and f"{path}/{n}".rstrip("/") != path]
 
     def mtime(self, key: str) -> float | None:
         path = self._path(key)
-        try:
+        infos: Any = {}  # a missing key has no mtime
+        with self._mapped("listing", key, missing="ignore"):
             infos = self.fs.find(path, detail=True, withdirs=False)
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            raise self._wrap(f"listing {key}", e) from e
         newest: float | None = None
         for info in infos.values() if isinstance(infos, dict) else []:
             t = _mtime_of(info)
@@ -169,25 +143,17 @@ class FsspecStore:
         return newest
 
     def delete(self, key: str) -> None:
-        try:
+        with self._mapped("deleting", key, missing="ignore"):
             self.fs.rm_file(self._path(key))
-        except FileNotFoundError:
-            pass
-        except Exception as e:
-            raise self._wrap(f"deleting {key}", e) from e
 
     def delete_prefix(self, prefix: str) -> None:
         if not prefix:
             raise StorageError("refusing to delete a whole store root")
         path = self._path(prefix)
-        try:
+        with self._mapped("deleting", prefix, missing="ignore"):
             self.fs.invalidate_cache(path)
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
-        except Exception as e:
-            raise self._wrap(f"deleting {prefix}", e) from e
 
 
 def _precondition_failed(e: BaseException) -> bool:
@@ -213,16 +179,15 @@ class _FsspecStream:
 
     def write(self, data: Buffer, /) -> int:
         try:
-            return int(self._f.write(data))
-        except Exception as e:
+            with self._store._mapped("writing", self._key, missing="wrap"):
+                return int(self._f.write(data))
+        except StorageError:
             self.abort()
-            raise self._store._wrap(f"writing {self._key}", e) from e
+            raise
 
     def close(self) -> None:
-        try:
+        with self._store._mapped("writing", self._key, missing="wrap"):
             self._f.close()
-        except Exception as e:
-            raise self._store._wrap(f"writing {self._key}", e) from e
 
     def abort(self) -> None:
         try:

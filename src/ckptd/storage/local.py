@@ -7,17 +7,19 @@ the only way a POSIX filesystem publishes a file all at once.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import shutil
 import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
+from ckptd.storage.errors import map_exceptions
 
 _IOV_MAX = 512
 # Files at least this big are fsync'd by the writing thread right away (overlapping other
@@ -42,7 +44,8 @@ class LocalStore:
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or "\\" in key or any(p in ("..", ".") for p in key.split("/") if p):
-            raise StorageError(f"refusing key {key!r}: it would leave the store root {self.root}")
+            raise StorageError(f"refusing key {key!r}: it would leave the store root {self.root}", key=key,
+                               url=self.url)
         path = self.root / key if key else self.root
         self._refuse_links(path)
         return path
@@ -80,9 +83,13 @@ class LocalStore:
             self._new_dirs.add(p)  # the existing parent got a new entry too
 
     # -------------------------------------------------------------- writes
+    def _mapped(self, what: str, key: str) -> AbstractContextManager[None]:
+        """OS errors of ``what`` on ``key`` as ``StorageError`` (see ``storage/errors.py``)."""
+        return map_exceptions(f"{what} {key or '/'}", url=self.url, key=key, missing="wrap", catch=(OSError,))
+
     def write(self, key: str, data: Sequence[Buffer]) -> int:
         path = self._path(key)
-        try:
+        with self._mapped("writing", key):
             self._makedirs(path.parent)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
@@ -94,15 +101,13 @@ class LocalStore:
                         self._unsynced.append(path)
             finally:
                 os.close(fd)
-        except OSError as e:
-            hint = " (disk full)" if e.errno == errno.ENOSPC else ""
-            raise StorageError(f"writing {path} failed{hint}: {e.strerror or e}") from e
         return total
 
     def open_write(self, key: str) -> _LocalStream:
         path = self._path(key)
-        self._makedirs(path.parent)
-        return _LocalStream(self, path)
+        with self._mapped("opening for writing", key):
+            self._makedirs(path.parent)
+            return _LocalStream(self, path, key)
 
     def flush(self) -> None:
         if not self.fsync:
@@ -129,35 +134,28 @@ class LocalStore:
         """Temporary file, fsync, then rename (or link(): it fails when the name exists, atomically)."""
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            self._makedirs(path.parent)
-            self.flush()
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            if exclusive:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise CheckpointExistsError(
-                        f"{path} already exists: another writer committed first"
-                    ) from None
-                finally:
+        with self._mapped("publishing", key):
+            try:
+                self._makedirs(path.parent)
+                self.flush()
+                self._write_durably(tmp, data)
+                if exclusive:
+                    _link_exclusive(tmp, path)
+                else:
+                    os.replace(tmp, path)
+            except OSError:
+                with contextlib.suppress(OSError):  # the temporary name is garbage either way
                     tmp.unlink(missing_ok=True)
-            else:
-                os.replace(tmp, path)
+                raise
             if self.fsync:
                 _fsync_dir(path.parent)
-        except CheckpointExistsError:
-            raise
-        except OSError as e:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise StorageError(f"publishing {path} failed: {e.strerror or e}") from e
+
+    def _write_durably(self, path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
 
     # -------------------------------------------------------------- reads
     def read(self, key: str) -> bytes:
@@ -229,6 +227,16 @@ class LocalStore:
             _fsync_dir(p.parent)
 
 
+def _link_exclusive(tmp: Path, path: Path) -> None:
+    """link() fails when the name exists, atomically: exactly one writer publishes ``path``."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise CheckpointExistsError(f"{path} already exists: another writer committed first") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _writev_all(fd: int, data: Sequence[Buffer]) -> int:
     views = [memoryview(b).cast("B") for b in data if len(b)]
     total = 0
@@ -267,26 +275,28 @@ def _fsync_dir(d: Path) -> None:
 
 
 class _LocalStream:
-    def __init__(self, store: LocalStore, path: Path) -> None:
-        self._store, self._path = store, path
+    def __init__(self, store: LocalStore, path: Path, key: str) -> None:
+        self._store, self._path, self._key = store, path, key
         self._f = open(path, "wb")  # noqa: SIM115 - closed by close()/abort()
 
     def write(self, data: Buffer, /) -> int:
         try:
-            return self._f.write(data)
-        except OSError as e:
+            with self._store._mapped("writing", self._key):
+                return self._f.write(data)
+        except StorageError:
             self.abort()
-            raise StorageError(f"writing {self._path} failed: {e.strerror or e}") from e
+            raise
 
     def close(self) -> None:
         try:
-            self._f.flush()
-            if self._store.fsync:
-                os.fdatasync(self._f.fileno())
-            self._f.close()
-        except OSError as e:
+            with self._store._mapped("writing", self._key):
+                self._f.flush()
+                if self._store.fsync:
+                    os.fdatasync(self._f.fileno())
+                self._f.close()
+        except StorageError:
             self.abort()
-            raise StorageError(f"writing {self._path} failed: {e.strerror or e}") from e
+            raise
 
     def abort(self) -> None:
         self._f.close()
