@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check ckptd format converters api training tests benchmarks
+	$(BIN)/ruff check src format converters api training tests benchmarks
 	# from outside the checkout: ./ckptd would otherwise hide the folders mapped into ckptd.*
 	cd /tmp && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ckptd
 

@@ -33,7 +33,7 @@ from ckptd.format.errors import (
 from ckptd.wire.selector import Alias, Best, Latest, Selector, SelectorError, Step, parse_selector
 
 if TYPE_CHECKING:
-    from ckptd.api.client import RollbackPointer
+    from ckptd.wire.client import RollbackPointer
 
 log = logging.getLogger(__name__)
 
