@@ -30,16 +30,8 @@ from typing import Any
 
 from ckptd.format.codecs import crc32c
 from ckptd.format.errors import IntegrityError, MetadataError
-from ckptd.format.manifest import (
-    FORMAT_NAME,
-    MANIFEST_KEY,
-    ArrayRecord,
-    Manifest,
-    Totals,
-    parse_array,
-    parse_mesh,
-    with_context,
-)
+from ckptd.format.manifest import FORMAT_NAME, MANIFEST_KEY, ArrayRecord, Manifest, Totals
+from ckptd.format.manifest_parse import parse_array, parse_mesh, with_context
 from ckptd.format.names import check_array_path
 from ckptd.format.store import Store
 from ckptd.format.strict_json import dumps_sealed, integer, loads_sealed, lst, obj, string

@@ -33,16 +33,8 @@ from ckptd.format.errors import (
     StorageError,
 )
 from ckptd.format.lease import Lease
-from ckptd.format.manifest import (
-    MANIFEST_KEY,
-    MAX_MANIFEST_BYTES,
-    ArrayRecord,
-    Manifest,
-    Totals,
-    loads_document,
-    parse,
-    with_context,
-)
+from ckptd.format.manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, ArrayRecord, Manifest, Totals
+from ckptd.format.manifest_parse import loads_document, parse, with_context
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally
 from ckptd.format.verify import Problem, verify

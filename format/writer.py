@@ -298,7 +298,7 @@ def report_from_json(doc: Any) -> WriterReport:
     """Parse a report produced by ``report_to_json``; validated like a manifest."""
     from ckptd.format.dtypes import logical_dtype
     from ckptd.format.errors import MetadataError
-    from ckptd.format.manifest import parse_array  # the same strict validation as manifests
+    from ckptd.format.manifest_parse import parse_array  # the same strict validation as manifests
 
     if (
         not isinstance(doc, dict)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptd.api.errors import InvalidRequestError, StorageDeleteError
-from ckptd.api.models import Checkpoint, Location
+from ckptd.api.models import Checkpoint, Location, Run
 from ckptd.api.roots import local_path
 from ckptd.api.schemas import CheckpointCreate, LayoutDoc, LocationIn, RunCreate, SyncReport
 from ckptd.api.services.checkpoints import mark_deleted, register_checkpoint, set_locations, transition
@@ -144,32 +144,43 @@ def reconcile(
             report.rejected[str(record.step)] = str(e)[:500]
             continue
         seen.add(record.step)
-        ckpt = session.scalar(
-            select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.step == record.step)
-        )
-        if ckpt is None or ckpt.state == "deleted":
-            ckpt, _ = register_checkpoint(session, run_name=run.name, data=data)
-            transition(ckpt, "committed")
-            report.added.append(record.step)
-        elif ckpt.state in ("pending", "failed"):
-            if ckpt.state == "failed":  # the manifest is proof of a complete checkpoint
-                ckpt.state = "pending"
-            set_locations(ckpt, run, data.locations)
-            if ckpt.layout is None and data.layout is not None:
-                ckpt.layout = data.layout.model_dump(mode="json")
-            if ckpt.nbytes is None:
-                ckpt.nbytes = data.nbytes
-            transition(ckpt, "committed")
-            report.committed.append(record.step)
-        elif ckpt.state == "committed":
-            if not any(loc.tier == tier for loc in ckpt.locations):
-                set_locations(ckpt, run, data.locations)
-                report.committed.append(record.step)
-            else:
-                report.unchanged.append(record.step)
-        else:  # deleting: GC owns it
-            report.unchanged.append(record.step)
+        _apply_record(session, run, tier, record.step, data, report)
         session.flush()
+    _forget_missing(session, run, tier, seen, report, mark_missing=mark_missing)
+    session.flush()
+    return report
+
+
+def _apply_record(
+    session: Session, run: Run, tier: str, step: int, data: CheckpointCreate, report: SyncReport
+) -> None:
+    """Bring the catalog's checkpoint ``step`` in line with a committed manifest found in ``tier``."""
+    ckpt = session.scalar(select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.step == step))
+    if ckpt is None or ckpt.state == "deleted":
+        ckpt, _ = register_checkpoint(session, run_name=run.name, data=data)
+        transition(ckpt, "committed")
+        report.added.append(step)
+    elif ckpt.state in ("pending", "failed"):
+        if ckpt.state == "failed":  # the manifest is proof of a complete checkpoint
+            ckpt.state = "pending"
+        set_locations(ckpt, run, data.locations)
+        if ckpt.layout is None and data.layout is not None:
+            ckpt.layout = data.layout.model_dump(mode="json")
+        if ckpt.nbytes is None:
+            ckpt.nbytes = data.nbytes
+        transition(ckpt, "committed")
+        report.committed.append(step)
+    elif ckpt.state == "committed" and not any(loc.tier == tier for loc in ckpt.locations):
+        set_locations(ckpt, run, data.locations)
+        report.committed.append(step)
+    else:  # committed with this tier already, or deleting (GC owns it)
+        report.unchanged.append(step)
+
+
+def _forget_missing(
+    session: Session, run: Run, tier: str, seen: set[int], report: SyncReport, *, mark_missing: bool
+) -> None:
+    """Committed checkpoints the catalog places in ``tier`` but storage no longer holds."""
     held_here = session.scalars(
         select(Checkpoint)
         .join(Location, Location.checkpoint_id == Checkpoint.id)
@@ -184,8 +195,6 @@ def reconcile(
         if not any(loc.tier != "memory" for loc in ckpt.locations):
             mark_deleted(ckpt, f"sync found no manifest under the {tier} root")
             report.deleted.append(ckpt.step)
-    session.flush()
-    return report
 
 
 def sync_from_storage(session: Session, *, run_name: str, tier: str, root: str) -> SyncReport:

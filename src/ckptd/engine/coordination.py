@@ -278,7 +278,7 @@ def encode_leads(leads: dict[str, ArrayRecord]) -> str:
 
 def parse_leads(raw: bytes) -> dict[str, ArrayRecord]:
     from ckptd.format.errors import MetadataError
-    from ckptd.format.manifest import parse_array
+    from ckptd.format.manifest_parse import parse_array
     from ckptd.format.names import check_array_path
 
     try:
