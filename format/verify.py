@@ -11,9 +11,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from ckptd.format.boxes import cell_box
 from ckptd.format.codecs import crc32c
-import torch
 from ckptd.format.errors import CheckpointError, LayoutError, MetadataError
 from ckptd.format.manifest import ArrayRecord, Manifest, ShardRecord
 from ckptd.format.shard import ShardGeometry, chunk_range, decode_index
