@@ -18,7 +18,8 @@ SCHEMA_FILES = {
     "state": FORMAT / "schemas" / "state.schema.json",
     "rank": FORMAT / "schemas" / "rank-state.schema.json",
 }
-VALIDATORS = {kind: jsonschema.Draft202012Validator(json.loads(p.read_text())) for kind, p in SCHEMA_FILES.items()}
+VALIDATORS = {kind: jsonschema.Draft202012Validator(json.loads(p.read_text()))
+              for kind, p in SCHEMA_FILES.items()}
 
 
 def errors(kind: str, doc: Any) -> list[str]:

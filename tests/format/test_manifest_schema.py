@@ -70,7 +70,8 @@ def test_converter_documents_validate(root: Path, tmp_path: Path) -> None:
     assert_valid(tmp_path / "resharded", STEP)
     from safetensors.torch import save_file
 
-    save_file({"a/b": torch.ones(3, 2), "c": torch.zeros(5, dtype=torch.int8)}, str(tmp_path / "x.safetensors"))
+    tensors = {"a/b": torch.ones(3, 2), "c": torch.zeros(5, dtype=torch.int8)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
     import_safetensors(tmp_path / "x.safetensors", str(tmp_path / "st"), step=1)
     assert_valid(tmp_path / "st", 1)
     import torch.distributed.checkpoint as dcp
@@ -169,9 +170,10 @@ def _layout(arrays: dict[str, Any]) -> None:
 
 VALID_EDGES: list[tuple[str, Case]] = [
     ("as written", Case("unchanged", _nothing, CheckpointError)),
-    ("no mesh or metadata members", Case("opt", lambda d: [d["record"].pop("mesh"), d["record"].pop("metadata")],
-                                         CheckpointError)),
-    ("storage dtype and nbytes omitted", _edit_page(lambda a: [a["w"].pop("storage_dtype"), a["w"].pop("nbytes")])),
+    ("no mesh or metadata members",
+     Case("opt", lambda d: [d["record"].pop("mesh"), d["record"].pop("metadata")], CheckpointError)),
+    ("storage dtype and nbytes omitted",
+     _edit_page(lambda a: [a["w"].pop("storage_dtype"), a["w"].pop("nbytes")])),
     ("layout with every member", _edit_page(_layout)),
     ("layout null", _edit_page(lambda a: a["w"].__setitem__("layout", None))),
     ("mesh with odd but legal axis names", Case("mesh", lambda d: d["record"].__setitem__(
