@@ -145,10 +145,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    import re
+
     from ckptd.converters.interop import import_checkpoint
     from ckptd.converters.outputs import new_run_root_removed_on_failure
 
-    with new_run_root_removed_on_failure(args.uri):  # the converters delete their partial attempt
-        m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format, overwrite=args.overwrite)
+    try:
+        with new_run_root_removed_on_failure(args.uri):  # the converters delete their partial attempt
+            m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format,
+                                  overwrite=args.overwrite)
+    except CheckpointError as e:
+        # torch's weights_only refusal is a page of advice (ending in "load it unsafely"); say what it found
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is not None:
+            raise type(e)(f"{args.src} is not a plain tensor checkpoint: it holds a {refused.group(1)} "
+                          "object, which ckptd never unpickles") from e
+        if "\n" in str(e).strip():
+            raise type(e)(" ".join(str(e).split())) from e
+        raise
     print(f"imported {args.src} as step {m.step} of {args.uri}: {m.array_count} arrays, {m.nbytes} bytes")
     return 0
