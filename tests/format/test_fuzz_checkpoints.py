@@ -19,7 +19,7 @@ from fuzz import MAX_TRACED_BYTES, Outcome, mutate, run_case
 
 from ckptd.storage import LocalStore
 
-CASES = 30
+CASES = 28
 SLOW_CASES = 10 * CASES
 REGRESSION_SEEDS: list[int] = []
 
@@ -54,15 +54,15 @@ def test_cli_subprocess_on_fuzzed_checkpoints(template: Path, tmp_path: Path) ->
     """The console script on damaged checkpoints: a verdict or one error line, never a traceback."""
     import shutil
 
-    for seed in (3, 11):
+    # each start imports torch (seconds), so one: a shard with bytes appended
+    for seed, args, status in ((11, ["verify", "--quiet"], 1),):
         case = tmp_path / f"case-{seed}"
         shutil.copytree(template, case)
         mutate(case, seed)
-        for args in (["verify", "--quiet"], ["inspect"]):
-            done = subprocess.run([sys.executable, "-m", "ckptd", *args, str(case)], capture_output=True,
-                                  text=True, timeout=300)
-            assert done.returncode in (0, 1, 2), done.stderr
-            assert "Traceback" not in done.stderr, done.stderr
+        done = subprocess.run([sys.executable, "-m", "ckptd", *args, str(case)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == status, (seed, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_undamaged_case_reads_clean(template: Path, tmp_path: Path) -> None:
