@@ -158,8 +158,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         # torch's weights_only refusal is a page of advice (ending in "load it unsafely"); say what it found
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if refused is not None:
-            raise type(e)(f"{args.src} is not a plain tensor checkpoint: it holds a {refused.group(1)} "
-                          "object, which ckptd never unpickles") from e
+            head = str(e).split("Weights only load failed")[0].rstrip(" :(")
+            head = head.removesuffix(" (weights_only load refused")
+            raise type(e)(f"{head}: it holds a {refused.group(1)} object, which ckptd never unpickles") from e
         if "\n" in str(e).strip():
             raise type(e)(" ".join(str(e).split())) from e
         raise
