@@ -17,7 +17,7 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from ckptd.converters.dcp_metadata import METADATA_FILE
@@ -28,6 +28,7 @@ from ckptd.format.errors import (
     MetadataError,
     StorageError,
 )
+from ckptd.format.reader import CheckpointReader
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, restore
 
@@ -46,15 +47,7 @@ def export_dcp(
     storage_options: dict[str, Any] | None = None,
 ) -> int:
     """Write checkpoint ``step`` (default: latest) of ``uri`` as DCP directory ``out``; returns the step."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
+    from torch.distributed.checkpoint.metadata import Metadata
 
     run = Run(open_store(uri, storage_options))
     if step is None:
@@ -69,41 +62,14 @@ def export_dcp(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StorageError(f"cannot create {out}: {e}", url=str(out)) from e
-
-    state_md: dict[str, Any] = {}
-    storage_md: dict[Any, Any] = {}
-    planner_data: dict[str, tuple[str | int, ...]] = {}
+    index = _DcpIndex()
     with open(out / DATA_FILE, "wb") as f:
         for path, node in dcp_leaves(reader.manifest.state):
-            fqn = fqn_of(path)
-            if fqn in state_md:
-                raise MetadataError(f"two entries of step {step} flatten to the same DCP name {fqn!r}")
-            planner_data[fqn] = path
-            offset = f.tell()
-            if isinstance(node, dict) and node.get(TAG) in ("tensor", "alias"):
-                tensor = reader.read(str(node["path"])).contiguous()
-                torch.save(tensor, f)
-                zeros = torch.Size([0] * tensor.dim())
-                state_md[fqn] = TensorStorageMetadata(
-                    properties=TensorProperties(dtype=tensor.dtype),
-                    size=tensor.size(),
-                    chunks=[ChunkStorageMetadata(offsets=zeros, sizes=tensor.size())],
-                )
-                index = MetadataIndex(fqn, zeros, 0)
-                del tensor
-            else:
-                value = restore(None, node, _no_tensor)
-                buf = io.BytesIO()
-                torch.save(value, buf)
-                f.write(buf.getbuffer())
-                state_md[fqn] = BytesStorageMetadata()
-                index = MetadataIndex(fqn)
-            storage_md[index] = _StorageInfo(DATA_FILE, offset, f.tell() - offset)
+            index.add(f, path, node, reader, step)
         f.flush()
         os.fsync(f.fileno())
-    metadata = Metadata(
-        state_dict_metadata=state_md, planner_data=planner_data, storage_data=storage_md, version=DCP_VERSION
-    )
+    metadata = Metadata(state_dict_metadata=index.state_md, planner_data=index.planner_data,
+                        storage_data=index.storage_md, version=DCP_VERSION)
     # The metadata file appears last and atomically: a crash leaves no loadable half-export.
     tmp = out / f"{METADATA_FILE}.tmp"
     with open(tmp, "wb") as f:
@@ -112,6 +78,51 @@ def export_dcp(
         os.fsync(f.fileno())
     os.replace(tmp, out / METADATA_FILE)
     return step
+
+
+class _DcpIndex:
+    """DCP's metadata of the records written so far: what each name is, and where its bytes lie."""
+
+    def __init__(self) -> None:
+        self.state_md: dict[str, Any] = {}
+        self.storage_md: dict[Any, Any] = {}
+        self.planner_data: dict[str, tuple[str | int, ...]] = {}
+
+    def add(self, f: BinaryIO, path: tuple[str | int, ...], node: Any, reader: CheckpointReader,
+            step: int) -> None:
+        """Append the record of one leaf (a tensor, or a value as one object) to ``f``."""
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            ChunkStorageMetadata,
+            MetadataIndex,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        fqn = fqn_of(path)
+        if fqn in self.state_md:
+            raise MetadataError(f"two entries of step {step} flatten to the same DCP name {fqn!r}")
+        self.planner_data[fqn] = path
+        offset = f.tell()
+        if isinstance(node, dict) and node.get(TAG) in ("tensor", "alias"):
+            tensor = reader.read(str(node["path"])).contiguous()
+            torch.save(tensor, f)
+            zeros = torch.Size([0] * tensor.dim())
+            self.state_md[fqn] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=tensor.dtype),
+                size=tensor.size(),
+                chunks=[ChunkStorageMetadata(offsets=zeros, sizes=tensor.size())],
+            )
+            index = MetadataIndex(fqn, zeros, 0)
+            del tensor
+        else:
+            buf = io.BytesIO()
+            torch.save(restore(None, node, _no_tensor), buf)
+            f.write(buf.getbuffer())
+            self.state_md[fqn] = BytesStorageMetadata()
+            index = MetadataIndex(fqn)
+        self.storage_md[index] = _StorageInfo(DATA_FILE, offset, f.tell() - offset)
 
 
 def _no_tensor(path: str, dest: torch.Tensor | None) -> torch.Tensor:

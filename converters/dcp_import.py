@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from ckptd.converters.dcp_metadata import check_storage_info, planner_paths, read_metadata
 from ckptd.converters.dcp_tree import KeyPath, array_paths, nest
+from ckptd.converters.outputs import attempt_discarded_on_failure, drain
 from ckptd.format.boxes import ShardBox
 from ckptd.format.errors import IntegrityError, LayoutError, MetadataError, StorageError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
+from ckptd.format.store import Store
 from ckptd.format.tree import flatten
 from ckptd.format.writer import CheckpointWriter, WriterReport
 
@@ -43,61 +45,97 @@ def import_dcp(
     storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Save the DCP checkpoint in directory ``src`` as checkpoint ``step`` of run ``uri``."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
     src = Path(src)
-    md = read_metadata(src)
-    storage = md.storage_data if isinstance(md.storage_data, dict) else {}
-    # MetadataIndex hashes by (fqn, offset); index the records by that key ourselves.
-    records: dict[tuple[str, tuple[int, ...] | None], Any] = {}
-    for idx, info in storage.items():
-        off = None if idx.offset is None else tuple(int(o) for o in idx.offset)
-        records[(str(idx.fqn), off)] = info
-    paths = planner_paths(md)
-    tensor_fqns = {
-        fqn: paths[fqn] for fqn, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)
-    }
-    names = array_paths(tensor_fqns)
-
+    source = _DcpSource(src)
     run = Run(open_store(uri, storage_options))
     store = run.prepare(step, overwrite=overwrite)
-    reports: list[WriterReport] = []
-    writer, held = CheckpointWriter(store), 0
-    leaves: list[tuple[KeyPath, Any]] = []
-    for fqn, meta in md.state_dict_metadata.items():
+    with attempt_discarded_on_failure(run, step):
+        reports, leaves = source.write(store, memory_bytes)
+        skeleton, _ = flatten(nest(leaves))
+        return run.commit(
+            step,
+            reports,
+            state=skeleton,
+            metadata={"imported_from": str(src), "source_format": "torch.distributed.checkpoint"},
+        )
+
+
+class _DcpSource:
+    """A DCP directory's metadata, indexed: storage records by (fqn, chunk offset), key paths, names."""
+
+    def __init__(self, src: Path) -> None:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.src = src
+        self.md = read_metadata(src)
+        storage = self.md.storage_data if isinstance(self.md.storage_data, dict) else {}
+        # MetadataIndex hashes by (fqn, offset); index the records by that key ourselves.
+        self.records: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+        for idx, info in storage.items():
+            off = None if idx.offset is None else tuple(int(o) for o in idx.offset)
+            self.records[(str(idx.fqn), off)] = info
+        self.paths = planner_paths(self.md)
+        tensor_fqns = {fqn: self.paths[fqn] for fqn, m in self.md.state_dict_metadata.items()
+                       if isinstance(m, TensorStorageMetadata)}
+        self.names = array_paths(tensor_fqns)
+
+    def write(self, store: Store, memory_bytes: int) -> tuple[list[WriterReport], list[tuple[KeyPath, Any]]]:
+        """Write every tensor chunk; returns the writer reports and the state's leaves (tensors as
+        ``meta`` placeholders, values as themselves)."""
+        out = _Output(store, memory_bytes)
+        try:
+            for fqn, meta in self.md.state_dict_metadata.items():
+                self._item(fqn, meta, out)
+        except BaseException:
+            drain(out.writer)
+            raise
+        out.reports.append(out.writer.finish())
+        return out.reports, out.leaves
+
+    def _item(self, fqn: str, meta: Any, out: _Output) -> None:
+        """One DCP item: a value leaf, or a tensor whose chunks are loaded one at a time and written."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
         if isinstance(meta, BytesStorageMetadata):
-            leaves.append((paths[fqn], _value(src, fqn, records.get((fqn, None)))))
-            continue
+            out.leaves.append((self.paths[fqn], _value(self.src, fqn, self.records.get((fqn, None)))))
+            return
         if not isinstance(meta, TensorStorageMetadata):
             raise MetadataError(f"DCP item {fqn!r} has unknown storage metadata {type(meta).__name__}")
         shape = tuple(int(s) for s in meta.size)
-        dtype = meta.properties.dtype
+        out.leaves.append((self.paths[fqn], torch.empty(shape, dtype=meta.properties.dtype, device="meta")))
         boxes = [_box(fqn, c, shape) for c in meta.chunks]
-        placeholder = torch.empty(shape, dtype=dtype, device="meta")
-        leaves.append((paths[fqn], placeholder))
         for chunk, box in zip(meta.chunks, boxes, strict=True):
-            if box.is_empty():
-                continue
-            info = records.get((fqn, tuple(int(o) for o in chunk.offsets)))
-            data = _tensor(src, fqn, info)
-            if tuple(data.shape) != box.shape or data.dtype != dtype:
-                raise IntegrityError(
-                    f"DCP item {fqn!r} chunk at {list(box.offset)}: stored {data.dtype} {list(data.shape)}, "
-                    f"metadata says {dtype} {list(box.shape)}"
-                )
-            writer.add(names[fqn], data, shape=shape, box=box, boxes=boxes)
-            held += data.numel() * data.element_size()
-            if held >= memory_bytes:  # write what is held before loading more
-                reports.append(writer.finish())
-                writer, held = CheckpointWriter(store), 0
-    reports.append(writer.finish())
-    skeleton, _ = flatten(nest(leaves))
-    return run.commit(
-        step,
-        reports,
-        state=skeleton,
-        metadata={"imported_from": str(src), "source_format": "torch.distributed.checkpoint"},
-    )
+            if not box.is_empty():
+                data = self._chunk(fqn, chunk, box, meta.properties.dtype)
+                out.add(self.names[fqn], data, shape=shape, box=box, boxes=boxes)
+
+    def _chunk(self, fqn: str, chunk: Any, box: ShardBox, dtype: torch.dtype) -> torch.Tensor:
+        info = self.records.get((fqn, tuple(int(o) for o in chunk.offsets)))
+        data = _tensor(self.src, fqn, info)
+        if tuple(data.shape) != box.shape or data.dtype != dtype:
+            raise IntegrityError(
+                f"DCP item {fqn!r} chunk at {list(box.offset)}: stored {data.dtype} {list(data.shape)}, "
+                f"metadata says {dtype} {list(box.shape)}"
+            )
+        return data
+
+
+class _Output:
+    """The writer of an import, replaced by a fresh one whenever ``memory_bytes`` are held."""
+
+    def __init__(self, store: Store, memory_bytes: int) -> None:
+        self.store, self.memory_bytes = store, memory_bytes
+        self.writer, self.held = CheckpointWriter(store), 0
+        self.reports: list[WriterReport] = []
+        self.leaves: list[tuple[KeyPath, Any]] = []
+
+    def add(self, path: str, data: torch.Tensor, *, shape: tuple[int, ...], box: ShardBox,
+            boxes: list[ShardBox]) -> None:
+        self.writer.add(path, data, shape=shape, box=box, boxes=boxes)
+        self.held += data.numel() * data.element_size()
+        if self.held >= self.memory_bytes:  # write what is held before loading more
+            self.reports.append(self.writer.finish())
+            self.writer, self.held = CheckpointWriter(self.store), 0
 
 
 def _box(fqn: str, chunk: Any, shape: tuple[int, ...]) -> ShardBox:

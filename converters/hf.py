@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
+from ckptd.converters.outputs import attempt_discarded_on_failure, drain
 from ckptd.format.dtypes import tensor_to_numpy
 from ckptd.format.errors import (
     CheckpointNotFoundError,
@@ -171,24 +172,40 @@ def import_safetensors(
     files = _files_of(src)
     run = Run(open_store(uri, storage_options))
     store = run.prepare(step, overwrite=overwrite)
-    reports: list[WriterReport] = []
-    writer, held = CheckpointWriter(store), 0
-    state: dict[str, Any] = {}
-    for file, names in files.items():
-        for name, tensor in _tensors(file, names):
-            node = state
-            *parents, leaf = name.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-            writer.add(_array_path(name), tensor)
-            held += tensor.numel() * tensor.element_size()
-            if held >= memory_bytes:
-                reports.append(writer.finish())
-                writer, held = CheckpointWriter(store), 0
-    reports.append(writer.finish())
-    skeleton, _ = flatten(state)
-    return run.commit(step, reports, state=skeleton, metadata={"imported_from": str(src)})
+    with attempt_discarded_on_failure(run, step):
+        reports: list[WriterReport] = []
+        writer, held = CheckpointWriter(store), 0
+        state: dict[str, Any] = {}
+        try:
+            for file, names in files.items():
+                for name, tensor in _tensors(file, names):
+                    _place(state, name, tensor)
+                    writer.add(_array_path(name), tensor)
+                    held += tensor.numel() * tensor.element_size()
+                    if held >= memory_bytes:
+                        reports.append(writer.finish())
+                        writer, held = CheckpointWriter(store), 0
+        except BaseException:
+            drain(writer)
+            raise
+        reports.append(writer.finish())
+        skeleton, _ = flatten(state)
+        return run.commit(step, reports, state=skeleton, metadata={"imported_from": str(src)})
+
+
+def _place(state: dict[str, Any], name: str, tensor: torch.Tensor) -> None:
+    """A placeholder for ``name`` in the nested state: names nest along ``/``, so ``a`` and ``a/b``
+    cannot both be tensors."""
+    node = state
+    *parents, leaf = name.split("/")
+    for i, p in enumerate(parents):
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise MetadataError(f"safetensors names {'/'.join(parents[: i + 1])!r} and {name!r} collide: "
+                                "one would be a tensor and a group of tensors at once")
+    if leaf in node:
+        raise MetadataError(f"safetensors name {name!r} is both a tensor and a prefix of other names")
+    node[leaf] = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta")
 
 
 def _array_path(name: str) -> str:

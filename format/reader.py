@@ -156,35 +156,8 @@ class CheckpointReader:
             cell = cell_box(coords, part.grid, part.shape)
             geom = ShardGeometry(cell.offset, part.grid, part.chunks, part.shape)
             where = f"{a.path} shard {key}"
-            data_nbytes: int | None = None
-            if rec is not None:
-                if rec.nbytes < geom.index_nbytes:
-                    raise IntegrityError(f"{where}: recorded size {rec.nbytes} is smaller than its index")
-                data_nbytes = rec.nbytes - geom.index_nbytes
             needed = [c for c in geom.chunks_overlapping(local_want) if not geom.chunk_box(c).is_empty()]
-            whole: bytes | memoryview | None = None
-            with self._index_lock:
-                index = self._indexes.get(key)
-            if len(needed) >= WHOLE_SHARD_FRACTION * geom.nchunks:
-                whole = self._whole(key, rec)
-                if rec is None:
-                    data_nbytes = len(whole) - geom.index_nbytes
-                    if data_nbytes < 0:
-                        raise IntegrityError(f"{where}: {len(whole)} bytes, smaller than its index")
-                assert data_nbytes is not None
-                if index is None:
-                    index = self._check_index(memoryview(whole)[data_nbytes:], rec, geom, where)
-            elif index is None:
-                if rec is not None:
-                    assert data_nbytes is not None
-                    raw_index = self._get(key, data_nbytes, rec.nbytes)
-                else:
-                    raw_index = self._tail(key, geom.index_nbytes)
-                index = self._check_index(raw_index, rec, geom, where)
-                with self._index_lock:
-                    self._indexes[key] = index
-                    if len(self._indexes) > INDEX_CACHE_ENTRIES:
-                        self._indexes.popitem(last=False)
+            index, whole, data_nbytes = self._index(key, a, rec, geom, len(needed), where)
             ranges = [(c, chunk_range(index, geom.flat_index(c), data_nbytes, where)) for c in needed]
             absent = [c for c, r in ranges if r is None]
             if absent:
@@ -192,28 +165,74 @@ class CheckpointReader:
                 # (reading it as zeros would hand back a tensor that never existed)
                 raise IntegrityError(f"{where}: chunk {list(absent[0])} is missing from the shard index")
             present = [(c, r) for c, r in ranges if r is not None]
-            blobs: list[bytes | memoryview]
             if whole is not None:
                 wv = memoryview(whole)
-                blobs = [wv[r[0] : r[1]] for _, r in present]
+                blobs: list[bytes | memoryview] = [wv[r[0] : r[1]] for _, r in present]
             else:
                 blobs = self._get_ranges(key, [r for _, r in present])
-            itemsize = a.dtype.itemsize
             for (c, _), blob in zip(present, blobs, strict=True):
-                cb = geom.chunk_box(c)
-                full = int(np.prod(geom.chunk)) * itemsize
-                raw = a.codec.decode(blob, full, f"{where} chunk {list(c)}")
-                chunk = np.frombuffer(raw, dtype=a.dtype.numpy_storage).reshape(geom.chunk)
-                overlap = cb.intersect(local_want)
-                if overlap is None:
-                    continue
-                src = tuple(
-                    slice(o - co, o - co + s)
-                    for o, co, s in zip(overlap.offset, cb.offset, overlap.shape, strict=True)
-                )
-                dest[_dest_slices(overlap, part, box)] = chunk[src]
+                self._copy_chunk(a, geom, c, blob, local_want, part, box, dest, where)
 
         return run
+
+    def _index(
+        self, key: str, a: ArrayRecord, rec: ShardRecord | None, geom: ShardGeometry, needed: int, where: str
+    ) -> tuple[np.ndarray, bytes | memoryview | None, int | None]:
+        """The shard's decoded index, the whole object when most of it is needed (else None), and the
+        size of its data section (None when unknown: format v2, index fetched alone)."""
+        data_nbytes: int | None = None
+        if rec is not None:
+            if rec.nbytes < geom.index_nbytes:
+                raise IntegrityError(f"{where}: recorded size {rec.nbytes} is smaller than its index")
+            data_nbytes = rec.nbytes - geom.index_nbytes
+        with self._index_lock:
+            index = self._indexes.get(key)
+        if needed >= WHOLE_SHARD_FRACTION * geom.nchunks:
+            whole = self._whole(key, rec, geom.max_nbytes(a.dtype.itemsize), where)
+            if rec is None:
+                data_nbytes = len(whole) - geom.index_nbytes
+                if data_nbytes < 0:
+                    raise IntegrityError(f"{where}: {len(whole)} bytes, smaller than its index")
+            assert data_nbytes is not None
+            if index is None:
+                index = self._check_index(memoryview(whole)[data_nbytes:], rec, geom, where)
+            return index, whole, data_nbytes
+        if index is None:
+            if rec is not None:
+                assert data_nbytes is not None
+                raw_index = self._get(key, data_nbytes, rec.nbytes)
+            else:
+                raw_index = self._tail(key, geom.index_nbytes)
+            index = self._check_index(raw_index, rec, geom, where)
+            with self._index_lock:
+                self._indexes[key] = index
+                if len(self._indexes) > INDEX_CACHE_ENTRIES:
+                    self._indexes.popitem(last=False)
+        return index, None, data_nbytes
+
+    @staticmethod
+    def _copy_chunk(
+        a: ArrayRecord,
+        geom: ShardGeometry,
+        c: tuple[int, ...],
+        blob: bytes | memoryview,
+        local_want: ShardBox,
+        part: PartRecord,
+        box: ShardBox,
+        dest: np.ndarray,
+        where: str,
+    ) -> None:
+        """Decode (checking its crc32c) inner chunk ``c`` and copy its overlap with the request."""
+        cb = geom.chunk_box(c)
+        full = int(np.prod(geom.chunk)) * a.dtype.itemsize
+        raw = a.codec.decode(blob, full, f"{where} chunk {list(c)}")
+        chunk = np.frombuffer(raw, dtype=a.dtype.numpy_storage).reshape(geom.chunk)
+        overlap = cb.intersect(local_want)
+        if overlap is None:
+            return
+        src = tuple(slice(o - co, o - co + s)
+                    for o, co, s in zip(overlap.offset, cb.offset, overlap.shape, strict=True))
+        dest[_dest_slices(overlap, part, box)] = chunk[src]
 
     @staticmethod
     def _check_index(
@@ -235,10 +254,15 @@ class CheckpointReader:
         except OSError as e:
             raise StorageError(f"reading {key} from {self.store.url} failed: {e}") from e
 
-    def _whole(self, key: str, rec: ShardRecord | None) -> bytes | memoryview:
+    def _whole(self, key: str, rec: ShardRecord | None, limit: int, where: str) -> bytes | memoryview:
         if rec is not None:
             return self._get(key, 0, rec.nbytes)
-        blob: bytes = self._storage_call(key, lambda: self.store.read(key))
+        # one bounded request: a replaced, huge object is refused, never read whole
+        blobs: list[bytes] = self._storage_call(key, lambda: self.store.read_ranges(key, [(0, limit + 1)]))
+        (blob,) = blobs
+        if len(blob) > limit:
+            raise IntegrityError(f"{where}: more than {limit} bytes, larger than a shard of this array "
+                                 "can be (replaced or damaged)")
         return blob
 
     def _tail(self, key: str, n: int) -> bytes:

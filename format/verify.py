@@ -11,12 +11,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from ckptd.format.boxes import cell_box
 from ckptd.format.codecs import crc32c
-from ckptd.format.errors import CheckpointError, MetadataError
+from ckptd.format.errors import CheckpointError, LayoutError, MetadataError
 from ckptd.format.manifest import ArrayRecord, Manifest, ShardRecord
 from ckptd.format.shard import ShardGeometry, chunk_range, decode_index
 from ckptd.format.store import Store
+from ckptd.format.tree import check_skeleton
 from ckptd.format.writer import shard_key
 from ckptd.format.zarr_meta import ZARR_JSON, array_document, checkpoint_groups, root_attributes
 
@@ -38,8 +40,10 @@ def verify(
     threads: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> list[Problem]:
-    """Check every stored object of ``manifest`` in ``store`` (rooted at the checkpoint directory)."""
-    jobs: list[Callable[[], list[Problem]]] = [
+    """Check the state tree and every stored object of ``manifest`` in ``store`` (rooted at the
+    checkpoint's data)."""
+    jobs: list[Callable[[], list[Problem]]] = [lambda: _check_state(manifest)]
+    jobs += [
         lambda g=g: _check_group_json(store, manifest, g)  # type: ignore[misc]
         for g in sorted(checkpoint_groups(manifest.arrays.values()))
     ]
@@ -59,6 +63,23 @@ def verify(
             if progress is not None:
                 progress(1)
     return problems
+
+
+def _check_state(manifest: Manifest) -> list[Problem]:
+    """The state tree, walked by the code ``load`` restores it with: what load refuses, verify reports."""
+    key = "state.json" if manifest.attempt else "manifest.json"
+
+    def describe(path: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if path not in manifest.arrays:
+            raise LayoutError(f"the state refers to array {path!r}, which the checkpoint does not hold")
+        a = manifest.arrays[path]
+        return a.shape, a.dtype.torch_dtype
+
+    try:
+        check_skeleton(manifest.state, describe)
+    except CheckpointError as e:
+        return [Problem("state tree", key, str(e))]
+    return []
 
 
 def _read_json(store: Store, array: str, key: str) -> tuple[object, list[Problem]]:

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from ckptd.format.boxes import ShardBox
 from ckptd.format.layout import FusedSplit, Mesh, TensorLayout
+from ckptd.training.config import MODEL_FACTS_KEY, ModelConfig
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.params import ParamMeta, Piece
 from ckptd.training.zero import ParamState, ZeroAdamW
@@ -94,9 +95,13 @@ class GPTStateAdapter:
         *,
         tied_embeddings: bool,
         chunks: tuple[range, ...] | None = None,
+        model: ModelConfig | None = None,
     ) -> None:
-        """``chunks``: this rank's layer ranges under interleaved 1F1B, recorded in the layouts."""
+        """``chunks``: this rank's layer ranges under interleaved 1F1B, recorded in the layouts.
+        ``model``: its facts are recorded in the step counter's layout, so that ``ckptd convert``
+        can refuse a target mesh the trainer would refuse."""
         self.optimizer, self.ctx, self.tied, self.chunks = optimizer, ctx, tied_embeddings, chunks
+        self.model = model
 
     @property
     def mesh(self) -> Mesh:
@@ -158,7 +163,8 @@ class GPTStateAdapter:
                         writer=writer,
                     )
                     out.append((spec, st, i))
-        step_layout = TensorLayout(replicated=("dp", "tp", "pp"))
+        facts = {MODEL_FACTS_KEY: self.model.facts()} if self.model is not None else {}
+        step_layout = TensorLayout(replicated=("dp", "tp", "pp"), extra=facts)
         step = CanonicalSpec(
             path=STEP_PATH,
             shape=(),

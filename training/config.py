@@ -7,10 +7,15 @@ the person reading them is usually looking at a ``ckptd train`` command line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Schedule = Literal["gpipe", "1f1b"]
+MODEL_FACTS_KEY = "ckptd.model"
+"""Where a checkpoint records :meth:`ModelConfig.facts` (the ``extra`` of the trainer's layouts, or
+the manifest's metadata): what tools need to refuse a layout the trainer would refuse."""
+_FACTS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")
 
 
 class TrainingConfigError(ValueError):
@@ -65,6 +70,24 @@ class ModelConfig:
     @property
     def ffn(self) -> int:
         return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    def facts(self) -> dict[str, int]:
+        """The shape facts that decide which layouts can run this model (see :func:`refuse_layout`)."""
+        return {"vocab_size": self.vocab_size, "n_layers": self.n_layers, "d_model": self.d_model,
+                "n_heads": self.n_heads, "n_kv_heads": self.kv_heads, "d_ff": self.ffn}
+
+    @staticmethod
+    def from_facts(facts: Mapping[str, Any]) -> ModelConfig:
+        """The model :meth:`facts` describe (``TrainingConfigError`` when they are malformed)."""
+        values: dict[str, int] = {}
+        for k in _FACTS:
+            v = facts.get(k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise TrainingConfigError(f"model fact {k} = {v!r} is not a positive integer")
+            values[k] = v
+        return ModelConfig(vocab_size=values["vocab_size"], n_layers=values["n_layers"],
+                           d_model=values["d_model"], n_heads=values["n_heads"],
+                           n_kv_heads=values["n_kv_heads"], d_ff=values["d_ff"])
 
     def padded_vocab(self, tp: int, dp: int) -> int:
         """Vocabulary rows in the training layout: every tp block splits evenly into dp ZeRO shards."""
@@ -237,6 +260,17 @@ class DataConfig:
                 f"{dp * self.micro_batch}"
             )
         return per_rank // self.micro_batch
+
+
+def refuse_layout(facts: Mapping[str, Any], mesh: Mapping[str, int]) -> str | None:
+    """Why the trainer would refuse to run the model ``facts`` describe on ``mesh`` (None: it would
+    run it). Raises ``TrainingConfigError`` when the facts themselves are malformed."""
+    model = ModelConfig.from_facts(facts)
+    try:
+        ParallelConfig(tp=mesh.get("tp", 1), pp=mesh.get("pp", 1)).check_model(model)
+    except TrainingConfigError as e:
+        return str(e)
+    return None
 
 
 def _largest_divisor(n: int, below: int) -> int:

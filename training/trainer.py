@@ -116,7 +116,7 @@ class Trainer:
         )  # fmt: skip
         self.adapter = GPTStateAdapter(
             self.optimizer, ctx, tied_embeddings=cfg.model.tie_embeddings,
-            chunks=par.rank_chunks(cfg.model.n_layers, ctx.pp_rank) if par.vpp > 1 else None,
+            chunks=par.rank_chunks(cfg.model.n_layers, ctx.pp_rank) if par.vpp > 1 else None, model=cfg.model,
         )  # fmt: skip
         act_shape = (cfg.data.micro_batch, cfg.data.seq_len, cfg.model.d_model)
         self.schedule = PipelineSchedule(

@@ -79,53 +79,55 @@ def _human(n: int) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ckptd.cli.pipes import closed_pipe_ok
     from ckptd.format.errors import CheckpointError, CheckpointNotFoundError
 
-    run = _run(args.uri)
-    if "://" not in args.uri and not Path(args.uri).is_dir():
-        raise CheckpointNotFoundError(f"{args.uri} is not a directory (no run root there)")
-    rows: list[dict[str, Any]] = []
-    for step in run.steps():
-        try:
-            m = run.manifest(step)
-        except CheckpointError as e:  # one bad manifest must not hide the other checkpoints
-            print(f"ckptd: step {step}: {e}", file=sys.stderr)
-            rows.append({"step": step, "committed": True, "error": str(e)})
-            continue
-        rows.append(
-            {
-                "step": step,
-                "created_at": m.created_at,
-                "arrays": m.array_count,
-                "nbytes": m.nbytes,
-                "stored_bytes": m.stored_bytes,
-                "world_size": m.world_size,
-                "committed": True,
-            }
-        )
-    if args.all:
-        rows += [{"step": s, "committed": False} for s in run.uncommitted()]
-        rows.sort(key=lambda r: r["step"])
-    if args.json:
+    with closed_pipe_ok():  # `... | head` stops reading early
+        run = _run(args.uri)
+        if "://" not in args.uri and not Path(args.uri).is_dir():
+            raise CheckpointNotFoundError(f"{args.uri} is not a directory (no run root there)")
+        rows: list[dict[str, Any]] = []
+        for step in run.steps():
+            try:
+                m = run.manifest(step)
+            except CheckpointError as e:  # one bad manifest must not hide the other checkpoints
+                print(f"ckptd: step {step}: {e}", file=sys.stderr)
+                rows.append({"step": step, "committed": True, "error": str(e)})
+                continue
+            rows.append(
+                {
+                    "step": step,
+                    "created_at": m.created_at,
+                    "arrays": m.array_count,
+                    "nbytes": m.nbytes,
+                    "stored_bytes": m.stored_bytes,
+                    "world_size": m.world_size,
+                    "committed": True,
+                }
+            )
+        if args.all:
+            rows += [{"step": s, "committed": False} for s in run.uncommitted()]
+            rows.sort(key=lambda r: r["step"])
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+            return 0
+        if not rows:
+            print(f"no committed checkpoints in {run.url}")
+            return 0
+        print(f"{'STEP':>10}  {'CREATED':<29} {'ARRAYS':>6} {'SIZE':>10} {'STORED':>10} {'RANKS':>5}")
         for r in rows:
-            print(json.dumps(r))
+            if not r["committed"]:
+                print(f"{r['step']:>10}  (uncommitted)")
+                continue
+            if "error" in r:
+                print(f"{r['step']:>10}  (unreadable: see above)")
+                continue
+            print(
+                f"{r['step']:>10}  {r['created_at']:<29} {r['arrays']:>6} {_human(r['nbytes']):>10} "
+                f"{_human(r['stored_bytes']):>10} {r['world_size']:>5}"
+            )
         return 0
-    if not rows:
-        print(f"no committed checkpoints in {run.url}")
-        return 0
-    print(f"{'STEP':>10}  {'CREATED':<29} {'ARRAYS':>6} {'SIZE':>10} {'STORED':>10} {'RANKS':>5}")
-    for r in rows:
-        if not r["committed"]:
-            print(f"{r['step']:>10}  (uncommitted)")
-            continue
-        if "error" in r:
-            print(f"{r['step']:>10}  (unreadable: see above)")
-            continue
-        print(
-            f"{r['step']:>10}  {r['created_at']:<29} {r['arrays']:>6} {_human(r['nbytes']):>10} "
-            f"{_human(r['stored_bytes']):>10} {r['world_size']:>5}"
-        )
-    return 0
 
 
 def summary(m: Manifest) -> dict[str, Any]:
@@ -160,66 +162,71 @@ def summary(m: Manifest) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    run = _run(args.uri)
-    m = run.manifest(_resolve_step(run, args.step))
-    doc = summary(m)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0
-    print(f"checkpoint step {m.step} in {run.url}")
-    print(
-        f"  created {m.created_at}  format v{m.format_version}  world size {m.world_size}  "
-        f"mesh {dict(m.mesh) or '-'}"
-    )
-    ratio = m.stored_bytes / m.nbytes if m.nbytes else 1.0
-    print(
-        f"  {m.array_count} arrays, {_human(m.nbytes)} logical, "
-        f"{_human(m.stored_bytes)} stored ({ratio:.2f}x)"
-    )
-    if m.metadata:
-        print(f"  metadata {json.dumps(dict(m.metadata))}")
-    width = max([len(p) for p in m.arrays] + [5])
-    print(
-        f"  {'ARRAY':<{width}}  {'DTYPE':<13} {'SHAPE':<20} {'KIND':<8} {'SHARDS':>6} {'BYTES':>10}"
-        "  CODECS  LAYOUT"
-    )
-    for p, a in doc["arrays"].items():
-        layout = "-" if a["layout"] is None else json.dumps(a["layout"]["partition"])
+    from ckptd.cli.pipes import closed_pipe_ok
+
+    with closed_pipe_ok():  # `... | head` stops reading early
+        run = _run(args.uri)
+        m = run.manifest(_resolve_step(run, args.step))
+        doc = summary(m)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+            return 0
+        print(f"checkpoint step {m.step} in {run.url}")
         print(
-            f"  {p:<{width}}  {a['dtype']:<13} {tuple(a['shape'])!s:<20} {a['kind']:<8} {a['shards']:>6} "
-            f"{_human(a['nbytes']):>10}  {a['codecs']:<6}  {layout}"
+            f"  created {m.created_at}  format v{m.format_version}  world size {m.world_size}  "
+            f"mesh {dict(m.mesh) or '-'}"
         )
-    return 0
+        ratio = m.stored_bytes / m.nbytes if m.nbytes else 1.0
+        print(
+            f"  {m.array_count} arrays, {_human(m.nbytes)} logical, "
+            f"{_human(m.stored_bytes)} stored ({ratio:.2f}x)"
+        )
+        if m.metadata:
+            print(f"  metadata {json.dumps(dict(m.metadata))}")
+        width = max([len(p) for p in m.arrays] + [5])
+        print(
+            f"  {'ARRAY':<{width}}  {'DTYPE':<13} {'SHAPE':<20} {'KIND':<8} {'SHARDS':>6} {'BYTES':>10}"
+            "  CODECS  LAYOUT"
+        )
+        for p, a in doc["arrays"].items():
+            layout = "-" if a["layout"] is None else json.dumps(a["layout"]["partition"])
+            print(
+                f"  {p:<{width}}  {a['dtype']:<13} {tuple(a['shape'])!s:<20} {a['kind']:<8} {a['shards']:>6} "
+                f"{_human(a['nbytes']):>10}  {a['codecs']:<6}  {layout}"
+            )
+        return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ckptd.cli.pipes import closed_pipe_ok
     from ckptd.format.verify import verify
 
-    run = _run(args.uri)
-    steps = run.steps() if args.all else [_resolve_step(run, args.step)]
-    bad = 0
-    for step in steps:
-        m = run.manifest(step)
-        total = sum(1 + (len(part.shards) if part.listed else part.ncells) for a in m.arrays.values()
-                    for part in a.parts)
-        with tqdm(
-            total=total,
-            desc=f"verify step {step}",
-            unit="obj",
-            disable=args.quiet or not sys.stderr.isatty(),
-            file=sys.stderr,
-        ) as bar:
-            problems = verify(run.data_store(step, m), m, progress=bar.update)
-        for prob in problems:
-            print(f"step {step}: CORRUPT {prob.array}: {prob}")
-        if problems:
-            bad += 1
-            print(f"step {step}: {len(problems)} problem(s) found")
-        else:
-            print(f"step {step}: ok ({m.array_count} arrays, {_human(m.stored_bytes)} verified)")
-    return 1 if bad else 0
+    with closed_pipe_ok():  # `... | head` stops reading early
+        run = _run(args.uri)
+        steps = run.steps() if args.all else [_resolve_step(run, args.step)]
+        bad = 0
+        for step in steps:
+            m = run.manifest(step)
+            total = sum(1 + (len(part.shards) if part.listed else part.ncells) for a in m.arrays.values()
+                        for part in a.parts)
+            with tqdm(
+                total=total,
+                desc=f"verify step {step}",
+                unit="obj",
+                disable=args.quiet or not sys.stderr.isatty(),
+                file=sys.stderr,
+            ) as bar:
+                problems = verify(run.data_store(step, m), m, progress=bar.update)
+            for prob in problems:
+                print(f"step {step}: CORRUPT {prob.array}: {prob}")
+            if problems:
+                bad += 1
+                print(f"step {step}: {len(problems)} problem(s) found")
+            else:
+                print(f"step {step}: ok ({m.array_count} arrays, {_human(m.stored_bytes)} verified)")
+        return 1 if bad else 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:

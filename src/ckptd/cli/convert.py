@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ckptd.format.errors import LayoutError
+from ckptd.format.errors import CheckpointError, LayoutError
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--codec", default=None, help="chunk codec for the output, e.g. none, zstd:3 (default: keep)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="convert even to a mesh the trainer would refuse for the recorded model (warns)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
@@ -76,32 +78,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ckptd.converters.model_facts import mesh_refusal
+    from ckptd.converters.outputs import new_run_root_removed_on_failure
     from ckptd.converters.reshard import reshard
     from ckptd.format.codecs import CodecSpec
+    from ckptd.format.errors import CheckpointNotFoundError
     from ckptd.format.run import Run
     from ckptd.storage import open_store
 
+    codec = CodecSpec.parse(args.codec) if args.codec else None  # a bad codec fails before any work
     src, dst = Run(open_store(args.src)), Run(open_store(args.dst))
     step = args.step if args.step is not None else src.latest()
-    total = src.manifest(step).nbytes if step is not None else 0
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc="convert",
-        file=sys.stderr,
-        disable=args.quiet or not sys.stderr.isatty(),
-    ) as bar:
-        result = reshard(
-            src,
-            dst,
-            mesh=args.mesh,
-            step=step,
-            dst_step=args.dst_step,
-            codec=CodecSpec.parse(args.codec) if args.codec else None,
-            overwrite=args.overwrite,
-            progress=bar.update,
-        )
+    if step is None:
+        raise CheckpointNotFoundError(f"no committed checkpoint in {src.url}")
+    source = src.manifest(step)
+    refusal = mesh_refusal(source, args.mesh)
+    if refusal is not None and args.force:
+        print(f"ckptd: warning: {refusal}; converting anyway (--force)", file=sys.stderr)
+    # reshard deletes its partial attempt on failure; a run root this command created goes too
+    bar = tqdm(total=source.nbytes, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
+               disable=args.quiet or not sys.stderr.isatty())
+    with new_run_root_removed_on_failure(args.dst), bar:
+        result = reshard(src, dst, mesh=args.mesh, step=step, dst_step=args.dst_step, codec=codec,
+                         overwrite=args.overwrite, progress=bar.update, force=args.force)
     m = result.manifest
     print(
         f"wrote step {m.step} to {dst.url} for mesh {dict(m.mesh)}: {m.array_count} arrays, "
@@ -111,27 +110,59 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ckptd.converters.hf import parse_size
     from ckptd.converters.interop import ExportFormat, export_checkpoint
+    from ckptd.converters.outputs import removed_on_failure
+    from ckptd.format.errors import CheckpointNotFoundError, StorageError
 
     fmt: ExportFormat = args.format or ("safetensors" if args.out.endswith(".safetensors") else "torch")
     limit = parse_size(args.max_shard_size)
-    step = export_checkpoint(
-        args.uri,
-        args.out,
-        fmt=fmt,
-        step=args.step,
-        max_shard_bytes=limit,
-        select=args.select,
-        overwrite=args.overwrite,
-    )
+    out = Path(args.out)
+    if fmt in ("torch", "safetensors") and not out.parent.is_dir():
+        raise CheckpointNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+    if fmt in ("torch", "safetensors") and out.is_dir():
+        raise StorageError(f"cannot write {out}: it is a directory (give a file name)")
+    write_errors: tuple[type[Exception], ...] = (OSError, RuntimeError)  # disk full, permissions (torch)
+    try:
+        from safetensors import SafetensorError
+
+        write_errors += (SafetensorError,)
+    except ImportError:
+        pass
+    try:
+        with removed_on_failure(out):
+            step = export_checkpoint(args.uri, out, fmt=fmt, step=args.step, max_shard_bytes=limit,
+                                     select=args.select, overwrite=args.overwrite)
+    except write_errors as e:
+        if isinstance(e, CheckpointError):
+            raise
+        detail = " ".join(str(e).split())  # one line, whatever the library put in its message
+        raise StorageError(f"writing {out} failed (nothing left behind): {detail}") from e
     print(f"exported step {step} of {args.uri} to {args.out} ({fmt})")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ckptd.converters.interop import import_checkpoint
+    import re
 
-    m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format, overwrite=args.overwrite)
+    from ckptd.converters.interop import import_checkpoint
+    from ckptd.converters.outputs import new_run_root_removed_on_failure
+
+    try:
+        with new_run_root_removed_on_failure(args.uri):  # the converters delete their partial attempt
+            m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format,
+                                  overwrite=args.overwrite)
+    except CheckpointError as e:
+        # torch's weights_only refusal is a page of advice (ending in "load it unsafely"); say what it found
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused is not None:
+            head = str(e).split("Weights only load failed")[0].rstrip(" :(")
+            head = head.removesuffix(" (weights_only load refused")
+            raise type(e)(f"{head}: it holds a {refused.group(1)} object, which ckptd never unpickles") from e
+        if "\n" in str(e).strip():
+            raise type(e)(" ".join(str(e).split())) from e
+        raise
     print(f"imported {args.src} as step {m.step} of {args.uri}: {m.array_count} arrays, {m.nbytes} bytes")
     return 0
