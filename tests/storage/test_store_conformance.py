@@ -15,7 +15,7 @@ import torch
 from ckptd.format.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckptd.format.run import Run, step_dir
 from ckptd.format.store import Store
-from store_conformance import StoreTests
+from ckptd.testing.store_conformance import StoreTests
 
 import ckptd
 from ckptd.storage import FsspecStore, LocalStore, open_store
