@@ -11,9 +11,9 @@ ships as the package data ``ckptd/migrations`` (and the strict editable install 
 from __future__ import annotations
 
 import os
-from importlib import resources
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,9 @@ def migrations_dir() -> Path:
     shipped = resources.files("ckptd") / "migrations"
     if isinstance(shipped, Path) and (shipped / "env.py").is_file():
         return shipped
-    raise CatalogError(f"Alembic migrations not found in the installed package ({shipped}); set {ENV_MIGRATIONS_DIR}")
+    raise CatalogError(
+        f"Alembic migrations not found in the installed package ({shipped}); set {ENV_MIGRATIONS_DIR}"
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
