@@ -53,10 +53,10 @@ def _build_wheel(out: Path) -> Path:
         shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [*pip_wheel, str(src), "-w", str(out)], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (wheel,) = out.glob("ckptd-*.whl")
     return wheel
@@ -86,7 +86,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
 def test_wheel_holds_the_package_data_and_no_tests(installed: Installed) -> None:
     names = set(zipfile.ZipFile(installed.wheel).namelist())
-    versions = {f"ckptd/migrations/versions/{p.name}" for p in (ROOT / "migrations" / "versions").glob("*.py")}
+    scripts = (ROOT / "migrations" / "versions").glob("*.py")
+    versions = {f"ckptd/migrations/versions/{p.name}" for p in scripts}
     assert versions, "no migrations in the checkout"
     expected = {
         "ckptd/py.typed",
