@@ -8,10 +8,16 @@ PYTEST_ARGS ?=
 .PHONY: venv link relink test test-fast test-slow lint typecheck demo bench clean mutate lock
 
 # Dependencies come pinned from requirements.lock (a constraints file: `make lock` refreshes it),
-# so pip never backtracks. torch is pinned to the 2.13.0 CPU build that lies on disk.
+# so nothing backtracks. uv installs them (in parallel: pip took over 15 minutes for the same set
+# on this loaded machine, uv about one); pip is the fallback when uv cannot be had.
+# torch is pinned to the 2.13.0 CPU build, found through pip's find-links ($PIP_FIND_LINKS).
+UV_VERSION ?= 0.13.9
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 $(STAMP): pyproject.toml requirements-test.txt requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c requirements.lock -r requirements-test.txt
+	($(BIN)/pip install -q uv==$(UV_VERSION) && $(BIN)/uv pip install -q --python $(BIN)/python \
+	  $(FIND_LINKS) -c requirements.lock -r requirements-test.txt) \
+	|| $(BIN)/pip install -q -c requirements.lock -r requirements-test.txt
 	rm -f $(LINKED)
 	touch $(STAMP)
 
@@ -47,9 +53,8 @@ test-slow: link
 # Refresh requirements.lock: the newest versions the requirements allow, keeping the current pins
 # where they still fit (delete the file first to move every pin). Needs the network.
 lock: $(STAMP)
-	$(BIN)/pip install -q uv
-	$(BIN)/uv pip compile -q --python-version 3.11 --find-links /opt/wheels \
-	  requirements-test.txt -o requirements.lock
+	test -x $(BIN)/uv || $(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile -q --python-version 3.11 $(FIND_LINKS) requirements-test.txt -o requirements.lock
 
 test-fast: test
 
