@@ -3,10 +3,9 @@
 The catalog keeps no module-global engine: :class:`Database` is created by the app factory,
 the CLI or a test, and owns one engine and its session factory.
 
-Migrations live in the repository's top-level ``migrations/`` folder (Alembic). They are found
-through ``CKPTD_MIGRATIONS_DIR`` when set, otherwise next to the package source: the strict
-editable install links ``ckptd/api/*.py`` back to ``<repo>/api/``, so the resolved path of this
-file leads to ``<repo>/migrations``. A wheel install must set ``CKPTD_MIGRATIONS_DIR``.
+Migrations live in the repository's top-level ``migrations/`` folder (Alembic), which the wheel
+ships as the package data ``ckptd/migrations`` (and the strict editable install links there too).
+``CKPTD_MIGRATIONS_DIR`` overrides where they are read from.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_DB_PATH = Path("~/.local/share/ckptd/catalog.db")
 ENV_DATABASE_URL = "CKPTD_DATABASE_URL"
+ENV_MIGRATIONS_DIR = "CKPTD_MIGRATIONS_DIR"
 
 
 def default_url() -> str:
@@ -47,14 +48,18 @@ def normalise_url(url: str) -> str:
 
 
 def migrations_dir() -> Path:
-    env = os.environ.get("CKPTD_MIGRATIONS_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent.parent / "migrations")
-    for c in candidates:
-        if (c / "env.py").is_file():
-            return c
+    """The Alembic script directory: ``CKPTD_MIGRATIONS_DIR`` when set, else the package data."""
+    env = os.environ.get(ENV_MIGRATIONS_DIR)
+    if env:
+        if not (Path(env) / "env.py").is_file():
+            raise CatalogError(f"{ENV_MIGRATIONS_DIR}={env} holds no Alembic env.py")
+        return Path(env)
+    # Alembic reads scripts from a directory, so the package must be installed unzipped.
+    shipped = resources.files("ckptd") / "migrations"
+    if isinstance(shipped, Path) and (shipped / "env.py").is_file():
+        return shipped
     raise CatalogError(
-        f"Alembic migrations not found (looked in {[str(c) for c in candidates]}); set CKPTD_MIGRATIONS_DIR"
+        f"Alembic migrations not found in the installed package ({shipped}); set {ENV_MIGRATIONS_DIR}"
     )
 
 

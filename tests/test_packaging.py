@@ -5,6 +5,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,28 @@ def test_spec_document_ships_with_the_format_package() -> None:
     spec = ROOT / "format" / "SPEC.md"
     text = spec.read_text()
     assert "format_version" in text and "sharding_indexed" in text
+
+
+def test_migrations_are_package_data_and_the_environment_overrides_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptd.api.db import ENV_MIGRATIONS_DIR, migrations_dir
+    from ckptd.api.errors import CatalogError
+
+    import ckptd
+
+    monkeypatch.delenv(ENV_MIGRATIONS_DIR, raising=False)
+    shipped = migrations_dir()
+    assert shipped == Path(ckptd.__file__).parent / "migrations"  # inside the package, as in a wheel
+    assert sorted(p.name for p in (shipped / "versions").glob("*.py")) == sorted(
+        p.name for p in (ROOT / "migrations" / "versions").glob("*.py")
+    ), "a migration was added or removed: run `make relink`"
+
+    own = tmp_path / "migrations"
+    own.mkdir()
+    (own / "env.py").write_text("")
+    monkeypatch.setenv(ENV_MIGRATIONS_DIR, str(own))
+    assert migrations_dir() == own
+    monkeypatch.setenv(ENV_MIGRATIONS_DIR, str(tmp_path / "nowhere"))
+    with pytest.raises(CatalogError, match=r"holds no Alembic env\.py"):
+        migrations_dir()

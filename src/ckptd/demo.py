@@ -22,26 +22,7 @@ def banner(text: str) -> None:
 def run() -> int:
     root = Path("demo-run").absolute()
     shutil.rmtree(root, ignore_errors=True)
-    torch.manual_seed(0)
-    first = torch.nn.Linear(256, 1024)
-    model = torch.nn.Sequential(first, torch.nn.GELU(), torch.nn.Linear(1024, 256))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step in range(1, 31):
-        x = torch.randn(32, 256)
-        loss = (model(x) - x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            state = {
-                "model": model,
-                "optim": opt,
-                "step": step,
-                "loss": loss.item(),
-                "bf16_copy": first.weight.detach().bfloat16(),
-            }
-            ckptd.save(state, str(root), step=step, metadata={"metrics": {"loss": loss.item()}})
-            print(f"step {step}: loss {loss.item():.4f} -> saved checkpoint")
+    model = train_and_save(root)
 
     banner("ckptd ls")
     cli(["ls", str(root)])
@@ -66,6 +47,39 @@ def run() -> int:
     print(f"loaded latest: parameters identical to the trained model: {same}")
     assert same
 
+    corrupt_and_detect(root, fresh)
+    train_demo(root.parent / "demo-run-gpt")
+    print(f"\ndemo done; checkpoints are in {root} and {root.parent / 'demo-run-gpt'}")
+    return 0
+
+
+def train_and_save(root: Path) -> torch.nn.Module:
+    """30 steps of a small MLP, a checkpoint (with a bf16 copy of a weight) every 10."""
+    torch.manual_seed(0)
+    first = torch.nn.Linear(256, 1024)
+    model = torch.nn.Sequential(first, torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(1, 31):
+        x = torch.randn(32, 256)
+        loss = (model(x) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            state = {
+                "model": model,
+                "optim": opt,
+                "step": step,
+                "loss": loss.item(),
+                "bf16_copy": first.weight.detach().bfloat16(),
+            }
+            ckptd.save(state, str(root), step=step, metadata={"metrics": {"loss": loss.item()}})
+            print(f"step {step}: loss {loss.item():.4f} -> saved checkpoint")
+    return model
+
+
+def corrupt_and_detect(root: Path, fresh: torch.nn.Module) -> None:
+    """Flip one byte of a shard: verify and load both notice, and older steps still load."""
     banner("flip one byte in a shard of step 30, then verify")
     attempt = ckptd.open_run(str(root)).manifest(30).attempt  # the data of the attempt that committed
     shard = root / "step_0000000030" / attempt / "model" / "0.weight" / "c.0.0"
@@ -81,9 +95,6 @@ def run() -> int:
         print(f"loading step 30 raises IntegrityError: {e}")
     step = ckptd.load({"model": fresh}, str(root), step=20)
     print(f"step 20 still loads fine: {step}")
-    train_demo(root.parent / "demo-run-gpt")
-    print(f"\ndemo done; checkpoints are in {root} and {root.parent / 'demo-run-gpt'}")
-    return 0
 
 
 def train_demo(ckpt: Path) -> None:

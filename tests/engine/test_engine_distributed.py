@@ -55,7 +55,7 @@ def _expected_table(step: int) -> torch.Tensor:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_resume_is_bit_exact_under_gloo(tmp_path: Path, world: int) -> None:
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()

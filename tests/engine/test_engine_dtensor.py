@@ -73,6 +73,7 @@ def _check_restore(out: Path, tag: str) -> dict[str, object]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the 4-rank dp x tp source job; test_lazy_snapshot_on_fsdp2 stays fast
 def test_checkpoint_of_fsdp2_tp_records_global_arrays_and_layouts(source: tuple[Path, Path]) -> None:
     run, out = source
     placements = json.loads((out / "source.json").read_text())["placements"]
@@ -97,6 +98,7 @@ def test_checkpoint_of_fsdp2_tp_records_global_arrays_and_layouts(source: tuple[
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the 4-rank dp x tp source job; test_lazy_snapshot_on_fsdp2 stays fast
 def test_restore_at_the_same_mesh_and_at_fsdp4(source: tuple[Path, Path]) -> None:
     run, out = source
     launch(4, "resume4", str(run), str(out))
@@ -109,6 +111,7 @@ def test_restore_at_the_same_mesh_and_at_fsdp4(source: tuple[Path, Path]) -> Non
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the 4-rank dp x tp source job; test_lazy_snapshot_on_fsdp2 stays fast
 def test_restore_at_fsdp2_and_sharded_save_load(source: tuple[Path, Path]) -> None:
     run, out = source
     launch(2, "resume2", str(run), str(out))
@@ -127,6 +130,7 @@ def test_restore_at_fsdp2_and_sharded_save_load(source: tuple[Path, Path]) -> No
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the 4-rank dp x tp source job; test_lazy_snapshot_on_fsdp2 stays fast
 def test_restore_in_one_process_with_plain_tensors(source: tuple[Path, Path]) -> None:
     run, out = source
     launch(1, "resume1", str(run), str(out))

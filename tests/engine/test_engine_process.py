@@ -108,6 +108,7 @@ def test_sigusr1_checkpoints_and_training_goes_on(tmp_path: Path) -> None:
     check_consistent(run, steps[0])
 
 
+@pytest.mark.slow  # 60 saves; test_pool_is_allocated_once_and_reused stays fast
 def test_resident_memory_is_flat_over_50_saves(tmp_path: Path) -> None:
     proc = start(tmp_path / "run", 60, 1, 16, "wait")
     assert proc.stdout is not None

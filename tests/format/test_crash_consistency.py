@@ -150,6 +150,7 @@ def test_sigkill_during_save_local(tmp_path: Path) -> None:
     _campaign(str(tmp_path / "runs"), None, runs=5, cwd=tmp_path, seed=1)
 
 
+@pytest.mark.slow  # the local variant stays fast
 @pytest.mark.s3
 def test_sigkill_during_save_s3(s3_url: str, s3_storage_options: dict[str, Any], tmp_path: Path) -> None:
     _campaign(s3_url, s3_storage_options, runs=5, cwd=tmp_path, seed=2)

@@ -15,10 +15,10 @@ import torch
 from ckptd.format.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckptd.format.run import Run, step_dir
 from ckptd.format.store import Store
-from store_conformance import StoreTests
 
 import ckptd
 from ckptd.storage import FsspecStore, LocalStore, open_store
+from ckptd.testing.store_conformance import StoreTests
 
 
 def _memory_url() -> str:

@@ -75,6 +75,7 @@ def test_world4_layout_matches_single_process(
     check_parity(job, world4[job["name"]], refs)
 
 
+@pytest.mark.slow  # 8 ranks; the world 2 and world 4 layouts stay fast
 @pytest.mark.parametrize("job", WORLD8, ids=[j["name"] for j in WORLD8])
 def test_world8_layout_matches_single_process(
     job: dict[str, Any], world8: dict[str, Result], refs: Any

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+
 from ckptd.format.errors import CheckpointError, StorageError
 from ckptd.format.store import Store
 
@@ -50,7 +52,7 @@ class StoreTests:
 
     def test_write_concatenates_mixed_buffers(self, store: Store) -> None:
         arr = np.arange(1000, dtype=np.uint8)
-        parts: list[Any] = [b"head", bytearray(b"-mid-"), memoryview(arr), memoryview(b"tail")[1:]]
+        parts: list[Any] = [b"head", bytearray(b"-mid-"), arr.data, memoryview(b"tail")[1:]]
         expected = b"head-mid-" + arr.tobytes() + b"ail"
         assert store.write("k", parts) == len(expected)
         assert store.read("k") == expected
@@ -222,7 +224,7 @@ class StoreTests:
     def test_keys_that_leave_the_root_are_refused(self, store: Store, key: str) -> None:
         inner = store.child("inner")
         store.write("outside", [b"original"])
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: inner.write(key, [b"evil"]),
             lambda: inner.write_atomic(key, b"evil"),
             lambda: inner.read(key),
