@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ckptd.converters.model_facts import mesh_refusal
+from ckptd.converters.model_facts import LayoutRule, mesh_refusal
 from ckptd.converters.outputs import attempt_discarded_on_failure
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
@@ -68,12 +68,14 @@ def reshard(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     threads: int = 8,
+    refuse: LayoutRule | None = None,
     force: bool = False,
 ) -> ReshardResult:
     """Rewrite checkpoint ``step`` (default: latest) of ``src`` into ``dst`` for the layout ``mesh``.
 
-    A mesh the trainer would refuse for the model the checkpoint records (``model_facts``) is a
-    ``LayoutError`` unless ``force``. A failed conversion (disk full, a damaged source) deletes
+    With ``refuse`` (the trainer's layout rule, e.g. ``ckptd.training.config.refuse_layout``), a
+    mesh it refuses for the model the checkpoint records (``model_facts``) is a ``LayoutError``
+    unless ``force``. A failed conversion (disk full, a damaged source) deletes
     what it wrote: no partial attempt is left in ``dst``."""
     if step is None:
         step = src.latest()
@@ -83,7 +85,7 @@ def reshard(
         if not isinstance(size, int) or size < 1:
             raise LayoutError(f"mesh axis {axis}={size!r} must be a positive integer")
     reader = src.reader(step)
-    refusal = mesh_refusal(reader.manifest, mesh)
+    refusal = mesh_refusal(reader.manifest, mesh, refuse) if refuse is not None else None
     if refusal is not None and not force:
         raise LayoutError(f"{refusal} (--force converts anyway)")
     out_step = step if dst_step is None else dst_step

@@ -11,10 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ckptd.converters.model_facts import MODEL_FACTS_KEY as MODEL_FACTS_KEY  # where facts are recorded
+
 Schedule = Literal["gpipe", "1f1b"]
-MODEL_FACTS_KEY = "ckptd.model"
-"""Where a checkpoint records :meth:`ModelConfig.facts` (the ``extra`` of the trainer's layouts, or
-the manifest's metadata): what tools need to refuse a layout the trainer would refuse."""
 _FACTS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")
 
 

@@ -85,6 +85,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ckptd.format.errors import CheckpointNotFoundError
     from ckptd.format.run import Run
     from ckptd.storage import open_store
+    from ckptd.training.config import refuse_layout  # the bundled trainer's rules
 
     codec = CodecSpec.parse(args.codec) if args.codec else None  # a bad codec fails before any work
     src, dst = Run(open_store(args.src)), Run(open_store(args.dst))
@@ -92,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if step is None:
         raise CheckpointNotFoundError(f"no committed checkpoint in {src.url}")
     source = src.manifest(step)
-    refusal = mesh_refusal(source, args.mesh)
+    refusal = mesh_refusal(source, args.mesh, refuse_layout)
     if refusal is not None and args.force:
         print(f"ckptd: warning: {refusal}; converting anyway (--force)", file=sys.stderr)
     # reshard deletes its partial attempt on failure; a run root this command created goes too
@@ -100,7 +101,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                disable=args.quiet or not sys.stderr.isatty())
     with new_run_root_removed_on_failure(args.dst), bar:
         result = reshard(src, dst, mesh=args.mesh, step=step, dst_step=args.dst_step, codec=codec,
-                         overwrite=args.overwrite, progress=bar.update, force=args.force)
+                         overwrite=args.overwrite, progress=bar.update,
+                         refuse=refuse_layout, force=args.force)
     m = result.manifest
     print(
         f"wrote step {m.step} to {dst.url} for mesh {dict(m.mesh)}: {m.array_count} arrays, "
