@@ -14,15 +14,30 @@ load would refuse never verifies.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
 from ckptd.format.errors import LayoutError, MetadataError
 from ckptd.format.names import check_array_path, encode_key
 
+if TYPE_CHECKING:
+    import torch
+
 TAG = "$ckptd"
 MAX_DEPTH = 64
+
+
+# torch is not imported here: ``verify`` walks skeletons with this code and must not load it
+# (``ckptd verify`` never imports torch). No value can be a tensor or a dtype before torch is loaded.
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _is_dtype(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.dtype)
 
 
 @runtime_checkable
@@ -41,7 +56,7 @@ class _Flattener:
     def walk(self, value: Any, path: tuple[str, ...]) -> Any:
         if len(path) > MAX_DEPTH:
             raise MetadataError(f"state is nested deeper than {MAX_DEPTH} levels at {'/'.join(path)}")
-        if isinstance(value, torch.Tensor):
+        if _is_tensor(value):
             return self._tensor(value, path)
         if isinstance(value, Stateful) and not isinstance(value, Mapping):
             return {TAG: "stateful", "state": self.walk(value.state_dict(), path)}
@@ -54,7 +69,7 @@ class _Flattener:
             return value
         if isinstance(value, float):
             return value if math.isfinite(value) else {TAG: "float", "value": repr(value)}
-        if isinstance(value, torch.dtype):
+        if _is_dtype(value):
             return {TAG: "dtype", "value": str(value).removeprefix("torch.")}
         raise MetadataError(
             f"value of type {type(value).__name__} at {'/'.join(path) or '<root>'} cannot be checkpointed: "
@@ -124,7 +139,7 @@ def tensor_paths(skeleton: Any) -> list[str]:
     return out
 
 
-ReadTensor = Callable[[str, torch.Tensor | None], torch.Tensor]
+ReadTensor = Callable[[str, "torch.Tensor | None"], "torch.Tensor"]
 """``read(array_path, destination)``: fills ``destination`` in place (and returns it) when given,
 otherwise returns a new CPU tensor."""
 
@@ -146,16 +161,15 @@ def restore(state: Any, skeleton: Any, read: ReadTensor, *, sync: Callable[[], N
     return result
 
 
-def check_skeleton(skeleton: Any, describe: Callable[[str], tuple[tuple[int, ...], torch.dtype]]) -> None:
+def check_skeleton(skeleton: Any, describe: Callable[[str], object]) -> None:
     """Raise what ``restore`` would raise on ``skeleton`` into an empty state, reading no data.
 
-    ``describe(path)`` returns the shape and dtype of the array at ``path`` and raises (a
-    ``CheckpointError``) when the checkpoint holds none; tensors become ``meta`` tensors.
+    ``describe(path)`` raises (a ``CheckpointError``) when the checkpoint holds no array at
+    ``path``; what it returns stands in for the tensor (an empty state has none to fill).
     """
 
     def read(path: str, dest: torch.Tensor | None) -> torch.Tensor:
-        shape, dtype = describe(path)
-        return torch.empty(shape, dtype=dtype, device="meta")
+        return describe(path)  # type: ignore[return-value]  # a stand-in: nothing consumes it
 
     restore(None, skeleton, read)
 
@@ -195,7 +209,7 @@ class _Restorer:
         tag = node[TAG]
         if tag == "tensor":
             path = check_array_path(_str(node.get("path")))
-            out = self.read(path, current if isinstance(current, torch.Tensor) else None)
+            out = self.read(path, current if _is_tensor(current) else None)
             self.aliases[path] = out
             return out
         if tag == "alias":
@@ -216,6 +230,8 @@ class _Restorer:
                 raise MetadataError(f"malformed float {text!r} in state skeleton")
             return float(text)
         if tag == "dtype":
+            import torch  # a dtype value in a state tree: rare, and it is a torch object
+
             name = _str(node.get("value"))
             dt = getattr(torch, name, None)
             if not isinstance(dt, torch.dtype):
@@ -228,10 +244,12 @@ class _Restorer:
             self.aliases[path] = self.read(path, None)
         src = self.aliases[path]
         self.wait()
-        if not isinstance(current, torch.Tensor):
+        if not _is_tensor(current):
             return src
         if current.shape != src.shape:
             raise LayoutError(f"tied tensor {path}: shape {tuple(current.shape)} vs {tuple(src.shape)}")
+        import torch  # loaded: current is a tensor
+
         with torch.no_grad():
             current.copy_(src)
         return current

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
 from ckptd.format.boxes import cell_box
 from ckptd.format.codecs import crc32c
 from ckptd.format.errors import CheckpointError, LayoutError, MetadataError
@@ -69,11 +68,10 @@ def _check_state(manifest: Manifest) -> list[Problem]:
     """The state tree, walked by the code ``load`` restores it with: what load refuses, verify reports."""
     key = "state.json" if manifest.attempt else "manifest.json"
 
-    def describe(path: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def describe(path: str) -> object:
         if path not in manifest.arrays:
             raise LayoutError(f"the state refers to array {path!r}, which the checkpoint does not hold")
-        a = manifest.arrays[path]
-        return a.shape, a.dtype.torch_dtype
+        return manifest.arrays[path]
 
     try:
         check_skeleton(manifest.state, describe)
