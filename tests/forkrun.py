@@ -5,8 +5,9 @@
 ``python tests/forkrun.py run SOCKET -- ARGS``
 (mutmut's runner; it imports nothing heavy) asks the server to fork a child that runs
 ``pytest ARGS`` and exits with pytest's status. Each child imports ckptd afresh, so it sees the
-mutant mutmut just wrote; bytecode caching is off so a same-size mutant written within the
-same second as the previous one is never served from a stale ``.pyc``.
+mutant mutmut just wrote. ``serve SOCKET PATH...`` names the mutated files: their ``.pyc`` is
+deleted before every run, so a same-size mutant written within the same second as the previous
+one is never served from a stale cache (the other modules keep theirs).
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import os
 import socket
 import struct
 import sys
+from pathlib import Path
 
 PRELOAD = ("pytest", "ckptd", "ckptd.converters", "ckptd.cli.main", "ckptd.storage", "hypothesis",
            "pytest_timeout", "anyio.pytest_plugin", "_hypothesis_pytestplugin", "schemathesis.pytest.plugin")
 
 
-def _run_child(conn: socket.socket, args: list[str]) -> None:
+def _run_child(conn: socket.socket, args: list[str], fresh: list[str]) -> None:
     import pytest
+
+    for path in fresh:  # the mutated module: never from a .pyc, whatever its mtime says
+        for pyc in Path(path).parent.joinpath("__pycache__").glob(f"{Path(path).stem}.*.pyc"):
+            pyc.unlink(missing_ok=True)
 
     code = 3
     try:
@@ -32,14 +38,14 @@ def _run_child(conn: socket.socket, args: list[str]) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        conn.sendall(struct.pack("<i", code))
-        os._exit(0)
+        try:
+            conn.sendall(struct.pack("<i", code))
+        finally:  # the runner may be gone (mutmut's timeout); never fall back into the server loop
+            os._exit(0)
 
 
-def serve(path: str) -> None:
+def serve(path: str, fresh: list[str]) -> None:
     import importlib
-
-    sys.dont_write_bytecode = True
     for name in PRELOAD:
         importlib.import_module(name)
     # Keep what ckptd imports (torch, sympy, numpy, ...), forget ckptd itself: each child imports
@@ -67,7 +73,7 @@ def serve(path: str) -> None:
             pid = os.fork()
             if pid == 0:
                 srv.close()
-                _run_child(conn, args)
+                _run_child(conn, args, fresh)
             os.waitpid(pid, 0)
 
 
@@ -81,7 +87,7 @@ def run(path: str, args: list[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(sys.argv[2])
+        serve(sys.argv[2], sys.argv[3:])
     elif sys.argv[1] == "stop":
         run(sys.argv[2], ["STOP"])
     else:

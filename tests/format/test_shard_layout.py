@@ -184,3 +184,11 @@ def test_chunk_range_of_a_shard_of_unknown_size_accepts_any_plausible_chunk() ->
     geom = ShardGeometry(origin=(0,), shard=(2,), chunk=(2,), array_shape=(2,))
     index = decode_index(_index((2**62 - 8, 8)), geom, "k")
     assert chunk_range(index, 0, None, "k") == (2**62 - 8, 2**62)
+
+
+def test_verify_size_limit_of_a_shard() -> None:
+    """``verify`` reports a shard larger than this as replaced or damaged: every chunk stored, each with
+    1/64 + 1 KiB of compressor slack and its crc32c, plus the index."""
+    geom = ShardGeometry(origin=(0, 0), shard=(64, 64), chunk=(32, 64), array_shape=(64, 64))
+    chunk = 32 * 64 * 2
+    assert geom.max_nbytes(2) == 2 * (chunk + chunk // 64 + 1024 + 4) + 2 * 16 + 4 == 10412
