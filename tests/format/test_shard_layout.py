@@ -192,3 +192,14 @@ def test_verify_size_limit_of_a_shard() -> None:
     geom = ShardGeometry(origin=(0, 0), shard=(64, 64), chunk=(32, 64), array_shape=(64, 64))
     chunk = 32 * 64 * 2
     assert geom.max_nbytes(2) == 2 * (chunk + chunk // 64 + 1024 + 4) + 2 * 16 + 4 == 10412
+
+
+@pytest.mark.parametrize("codec", [CodecSpec(), CodecSpec("zstd", 3)], ids=["raw", "zstd"])
+def test_chunks_after_one_beyond_the_edge_are_still_stored(codec: CodecSpec) -> None:
+    # At the right edge, every other chunk in C order lies beyond the array: (0, 1) and (1, 1).
+    geom = ShardGeometry(origin=(0, 4), shard=(4, 4), chunk=(2, 2), array_shape=(4, 5))
+    data = np.arange(20, dtype="<f4").reshape(4, 5)[:, 4:]
+    raw = b"".join(bytes(b) for b in encode_shard(data, geom, codec).buffers)
+    want = np.zeros((4, 4), dtype="<f4")
+    want[:, :1] = data
+    assert np.array_equal(read_back(raw, geom, codec), want)
