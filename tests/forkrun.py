@@ -26,7 +26,10 @@ def _run_child(conn: socket.socket, args: list[str], fresh: list[str]) -> None:
     import pytest
 
     for path in fresh:  # the mutated module: never from a .pyc, whatever its mtime says
-        for pyc in Path(path).parent.joinpath("__pycache__").glob(f"{Path(path).stem}.*.pyc"):
+        stem = Path(path).stem
+        # next to the source, and next to the strict editable install's symlink (what is imported)
+        for pyc in [*Path(path).parent.glob(f"__pycache__/{stem}.*.pyc"),
+                    *Path("build").glob(f"**/__pycache__/{stem}.*.pyc")]:
             pyc.unlink(missing_ok=True)
 
     code = 3
