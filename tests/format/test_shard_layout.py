@@ -150,14 +150,14 @@ def test_decode_index_checks_its_size_and_its_crc() -> None:
     geom = ShardGeometry(origin=(0,), shard=(4,), chunk=(2,), array_shape=(4,))
     good = _index((0, 12), (12, 12))
     assert decode_index(good, geom, "k").tolist() == [[0, 12], [12, 12]]
-    with pytest.raises(IntegrityError, match="^k: shard index is 35 bytes, expected 36$"):
+    with pytest.raises(IntegrityError, match=r"^k: shard index is 35 bytes, expected 36$"):
         decode_index(good[:-1], geom, "k")
-    with pytest.raises(IntegrityError, match="^k: shard index is 37 bytes, expected 36$"):
+    with pytest.raises(IntegrityError, match=r"^k: shard index is 37 bytes, expected 36$"):
         decode_index(good + b"\0", geom, "k")
     for pos in (0, 31, 32, 35):
         bad = bytearray(good)
         bad[pos] ^= 1
-        with pytest.raises(IntegrityError, match="^k: shard index crc32c mismatch$"):
+        with pytest.raises(IntegrityError, match=r"^k: shard index crc32c mismatch$"):
             decode_index(bytes(bad), geom, "k")
 
 
@@ -176,7 +176,7 @@ def test_chunk_range_marks_absent_chunks_and_bounds_the_rest() -> None:
 def test_chunk_range_rejects_entries_that_cannot_be_a_chunk(entry: tuple[int, int]) -> None:
     geom = ShardGeometry(origin=(0,), shard=(2,), chunk=(2,), array_shape=(2,))
     index = decode_index(_index(entry), geom, "k")
-    with pytest.raises(IntegrityError, match="^k: chunk 0 points outside the shard "):
+    with pytest.raises(IntegrityError, match=r"^k: chunk 0 points outside the shard "):
         chunk_range(index, 0, None, "k")
 
 
