@@ -1,18 +1,16 @@
-"""Mutation score per module from a mutmut 2.x cache (``.mutmut-cache``, SQLite), as JSON.
+"""Mutation score per module from ``tests/mutation/apply_each.sh`` result files, as JSON.
 
-``python benchmarks/mutation_score.py CACHE [--equivalent FILE:ID ...] [--killed-by-hand FILE:ID ...]``
-prints one JSON line per module and writes them, with the machine description, under
-benchmarks/results/. Score = killed / (mutants tested - documented equivalents); timeouts are
-listed apart (a mutant that loops forever is detected, but on a loaded machine a slow run of a
-harmless mutant times out too) and are not counted as killed. Untested mutants are reported,
-never scored.
+``python benchmarks/mutation_score.py --patches DIR --results FILE... [--equivalent ID...]
+[--killed-by-hand ID...]`` prints one JSON line per module and writes them, with the machine
+description, under benchmarks/results/. Score = killed / (mutants run - documented equivalents).
+``--killed-by-hand``: survivors of the run that a test added afterwards kills (each checked by
+applying the mutant and running the fast tests again). Mutants not run are counted, never scored.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,43 +19,57 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import write_results
 
 
-def scores(cache: str, equivalent: set[str], by_hand: set[str]) -> list[dict[str, object]]:
-    con = sqlite3.connect(cache)
-    rows = con.execute(
-        "select f.filename, m.id, m.status from Mutant m join Line l on m.line = l.id "
-        "join SourceFile f on l.sourcefile = f.id"
-    ).fetchall()
+def module_of(patch: Path) -> str:
+    first = patch.read_text().splitlines()[:1]
+    return first[0].removeprefix("--- ").strip() if first else "?"
+
+
+def scores(patches: Path, results: list[Path], equivalent: set[int],
+           by_hand: set[int]) -> list[dict[str, object]]:
+    status: dict[int, str] = {}
+    for f in results:
+        if not f.exists():
+            continue
+        for line in f.read_text().split("\n"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].isdigit():
+                status[int(parts[0])] = parts[1]  # a later line (a recheck) wins
     per: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for filename, mid, status in rows:
-        if f"{filename}:{mid}" in equivalent:
-            status = "equivalent"
-        elif f"{filename}:{mid}" in by_hand and status == "bad_survived":
-            status = "ok_killed"  # killed by a test added after the run, checked by applying the mutant
-        per[filename][status].append(mid)
+    for patch in patches.glob("*.diff"):
+        pk = int(patch.stem)
+        s = status.get(pk, "not-run")
+        if pk in equivalent:
+            s = "equivalent"
+        elif pk in by_hand and s == "survived":
+            s = "killed"
+        per[module_of(patch)][s].append(pk)
     out = []
-    for filename, by in sorted(per.items()):
-        killed = len(by["ok_killed"]) + len(by["ok_suspicious"])
-        scored = killed + len(by["bad_survived"]) + len(by["bad_timeout"])
+    for module, by in sorted(per.items()):
+        killed, survived = len(by["killed"]), len(by["survived"])
+        if killed + survived == 0:
+            continue
         out.append({
-            "module": filename, "mutants": sum(len(v) for v in by.values()), "killed": killed,
-            "survived": sorted(by["bad_survived"]), "timeout": sorted(by["bad_timeout"]),
-            "equivalent": sorted(by["equivalent"]), "untested": len(by["untested"]) + len(by["skipped"]),
-            "score": round(killed / scored, 3) if scored else None,
+            "module": module, "mutants": sum(len(v) for v in by.values()), "killed": killed,
+            "survived": sorted(by["survived"]), "equivalent": sorted(by["equivalent"]),
+            "not_run": len(by["not-run"]) + len(by["patch-failed"]),
+            "score": round(killed / (killed + survived), 3),
         })
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cache")
-    ap.add_argument("--equivalent", nargs="*", default=[])
-    ap.add_argument("--killed-by-hand", nargs="*", default=[])
+    ap.add_argument("--patches", type=Path, required=True)
+    ap.add_argument("--results", type=Path, nargs="+", required=True)
+    ap.add_argument("--equivalent", type=int, nargs="*", default=[])
+    ap.add_argument("--killed-by-hand", type=int, nargs="*", default=[])
     ap.add_argument("--out")
     args = ap.parse_args()
-    results = scores(args.cache, set(args.equivalent), set(args.killed_by_hand))
+    results = scores(args.patches, args.results, set(args.equivalent), set(args.killed_by_hand))
     for r in results:
         print(json.dumps(r))
-    print(write_results("mutation", args.out, vars(args), results), file=sys.stderr)
+    path = write_results("mutation", args.out, {k: str(v) for k, v in vars(args).items()}, results)
+    print(path, file=sys.stderr)
 
 
 if __name__ == "__main__":
