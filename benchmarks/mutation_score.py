@@ -33,7 +33,8 @@ def scores(patches: Path, results: list[Path], equivalent: set[int],
         for line in f.read_text().split("\n"):
             parts = line.split()
             if len(parts) >= 2 and parts[0].isdigit():
-                status[int(parts[0])] = parts[1]  # a later line (a recheck) wins
+                # a later line (a recheck) wins; a run cut by `timeout` (rc=124) is not a kill
+                status[int(parts[0])] = "timeout" if "rc=124" in parts[2:] else parts[1]
     per: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for patch in patches.glob("*.diff"):
         pk = int(patch.stem)
@@ -51,7 +52,7 @@ def scores(patches: Path, results: list[Path], equivalent: set[int],
         out.append({
             "module": module, "mutants": sum(len(v) for v in by.values()), "killed": killed,
             "survived": sorted(by["survived"]), "equivalent": sorted(by["equivalent"]),
-            "not_run": len(by["not-run"]) + len(by["patch-failed"]),
+            "not_run": len(by["not-run"]) + len(by["patch-failed"]), "timeout": sorted(by["timeout"]),
             "score": round(killed / (killed + survived), 3),
         })
     return out

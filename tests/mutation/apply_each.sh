@@ -16,5 +16,5 @@ for id in "$@"; do
     -p no:cacheprovider "${tests[@]}" > "$copy/mutant-run.log" 2>&1
   rc=$?
   cp "$original" "$file"
-  if [ $rc = 0 ]; then echo "$id survived" >> "$out"; else echo "$id killed" >> "$out"; fi
+  if [ $rc = 0 ]; then echo "$id survived" >> "$out"; else echo "$id killed rc=$rc" >> "$out"; fi
 done
