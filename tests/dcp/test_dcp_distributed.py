@@ -17,41 +17,19 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ckptd
 from ckptd.cli.main import main
 from tests.converters.test_convert_dcp import assert_same
+from tests.launch import launch as launch_job
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent
 
 
 def launch(job: str, out: Path, world: int = 2, timeout: float = 300) -> None:
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_worker.py"), str(r), str(world), str(store.port), job, str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    bad = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        raise AssertionError(f"ranks {bad} failed:\n" + "\n".join(logs[r][-4000:] for r in bad))
+    argv = [str(HERE / "_worker.py"), "{rank}", "{world}", "{port}", job, str(out)]
+    launch_job(argv, world, timeout=timeout, parent_store=True, env={"PYTHONWARNINGS": "ignore"}, cwd=None)
 
 
 @pytest.fixture(scope="module")

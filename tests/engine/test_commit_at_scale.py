@@ -4,16 +4,13 @@ a preemption signal that reaches one rank, and a ``step()`` that waits for nobod
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptd
+from tests.launch import launch as launch_job
 
 WORKER = Path(__file__).parent / "workers" / "scale_job.py"
 
@@ -21,41 +18,7 @@ WORKER = Path(__file__).parent / "workers" / "scale_job.py"
 def launch(
     world: int, mode: str, run: Path, out: Path, *, timeout: float = 300, expect_dead: set[int] = frozenset()
 ) -> None:  # type: ignore[assignment]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-P", str(WORKER), mode, str(run), str(out)],
-                env=env,
-                cwd="/",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for rank, (p, text) in enumerate(zip(procs, outputs, strict=True)):
-        if rank in expect_dead:
-            assert p.returncode == -9, text[-2000:]
-        else:
-            assert p.returncode == 0, text[-3000:]
+    launch_job(["-P", str(WORKER), mode, str(run), str(out)], world, timeout=timeout, expect_dead=expect_dead)
 
 
 def result(out: Path, mode: str, rank: int) -> dict:

@@ -9,46 +9,20 @@ bit-exact against ``full_tensor()`` and train on exactly like the layout's unint
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import ckptd
+from tests.launch import launch as launch_job
 
 WORKER = Path(__file__).parent / "workers" / "fsdp2_tp.py"
 K, M = 3, 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(world: int, *args: str, timeout: float = 240) -> None:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-P", str(WORKER), *args], env=env, cwd="/",
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outputs.append(out.decode(errors="replace"))
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+    launch_job(["-P", str(WORKER), *args], world, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
