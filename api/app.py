@@ -13,6 +13,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
 from ckptd.api.db import Database
 from ckptd.api.deps import DatabaseDep, SessionDep
 from ckptd.api.errors import (
@@ -38,13 +46,6 @@ from ckptd.format.errors import (
     MetadataError,
     StorageError,
 )
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from fastapi.staticfiles import StaticFiles
-from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError, OperationalError
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 API_PREFIX = "/api/v1"
 STATIC_DIR = Path(__file__).parent / "static"

@@ -20,9 +20,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from ckptd.api.errors import CatalogError
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from ckptd.api.errors import CatalogError
 
 DEFAULT_DB_PATH = Path("~/.local/share/ckptd/catalog.db")
 ENV_DATABASE_URL = "CKPTD_DATABASE_URL"

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 import anyio
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
 from ckptd.api.db import Database
 from ckptd.api.services.jobs import JobRunner
 from ckptd.api.services.retention import StorageDeleter
 from ckptd.api.settings import CatalogSettings
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
 
 _bearer = HTTPBearer(auto_error=False, description="CKPTD_API_TOKEN; required by every mutating endpoint")
 

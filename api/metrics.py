@@ -10,10 +10,11 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from ckptd.api.models import Checkpoint, ConversionJob, Run
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ckptd.api.models import Checkpoint, ConversionJob, Run
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 """Methods counted under their own name; any other (clients may invent them) counts as ``OTHER``."""

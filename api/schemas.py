@@ -11,9 +11,6 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from ckptd.api.uris import check_uri
-from ckptd.format.layout import TensorLayout
-from ckptd.format.names import check_array_path, check_segment
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -24,6 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from ckptd.api.uris import check_uri
+from ckptd.format.layout import TensorLayout
+from ckptd.format.names import check_array_path, check_segment
 from ckptd.wire.contract import (
     MAX_DOC_BYTES,
     MAX_ERROR_CHARS,

@@ -71,6 +71,7 @@ import httpx
 from bench_server import free_port, wait_ready
 from catalog_data import PER_RUN, RUNS, T0
 from catalog_mlflow_peer import mlflow_workloads, seed_mlflow, start_mlflow
+
 from ckptd.api.db import Database, normalise_url
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run
 

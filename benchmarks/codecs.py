@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ckptd.format.codecs import CodecSpec
 from machine import describe
 
 import ckptd
+from ckptd.format.codecs import CodecSpec
 
 CODECS = [
     "none",

@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import write_results
+from ckptd.engine.coordination import encode_leads, merge_leads, parse_leads
 from ckptd.format import plan as plan_mod
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import CodecSpec
@@ -52,9 +54,6 @@ from ckptd.format.plan import DEFAULT_CHUNK_BYTES, cached_plan
 from ckptd.format.run import Run
 from ckptd.format.tally import Tally, expected_tally, shard_fingerprint
 from ckptd.format.writer import ArrayReport, CheckpointWriter, shard_key
-
-from benchmarks.machine import write_results
-from ckptd.engine.coordination import encode_leads, merge_leads, parse_leads
 from ckptd.storage import LocalStore
 
 H, FFN, VOCAB, VOCAB_PADDED, SEQ, LAYERS = 12288, 49152, 50257, 50304, 2048, 96

@@ -49,11 +49,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe
+
 from ckptd.training.checkpoint import TrainerCheckpoint
 from ckptd.training.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import TrainConfig, Trainer
-from machine import describe
 
 PEAK_BF16_TFLOPS = {
     "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,

@@ -43,7 +43,6 @@ def layout_for(name: str) -> Any:
 
 def write_source(root: str, scale: float) -> int:
     from ckptd.format import CheckpointWriter, Run, mesh_coords
-
     from ckptd.storage import open_store
 
     state = w1_state(scale)
@@ -96,7 +95,6 @@ def child(mode: str, src: str, dst: str) -> None:
     else:
         from ckptd.converters import reshard
         from ckptd.format import Run
-
         from ckptd.storage import open_store
 
         reshard(Run(open_store(src)), Run(open_store(dst)), mesh={"pp": 1, "dp": 2, "tp": 4})

@@ -34,10 +34,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe
+
 from ckptd.training.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import TrainConfig, Trainer
-from machine import describe
 
 DP = 4
 SETTINGS = {

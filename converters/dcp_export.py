@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
 from ckptd.converters.dcp_metadata import METADATA_FILE
 from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
 from ckptd.format.errors import (
@@ -31,7 +32,6 @@ from ckptd.format.errors import (
 from ckptd.format.reader import CheckpointReader
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, restore
-
 from ckptd.storage import open_store
 
 DATA_FILE = "__0_0.distcp"

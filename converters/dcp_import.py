@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ckptd.converters.dcp_metadata import check_storage_info, planner_paths, read_metadata
 from ckptd.converters.dcp_tree import KeyPath, array_paths, nest
 from ckptd.converters.outputs import attempt_discarded_on_failure, drain
@@ -29,7 +30,6 @@ from ckptd.format.run import Run
 from ckptd.format.store import Store
 from ckptd.format.tree import flatten
 from ckptd.format.writer import CheckpointWriter, WriterReport
-
 from ckptd.storage import open_store
 
 DEFAULT_MEMORY_BYTES = 512 * 2**20

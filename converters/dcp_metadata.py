@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ckptd.format.errors import MetadataError, UnsupportedFormatError
 
 METADATA_FILE = ".metadata"

@@ -14,6 +14,7 @@ from itertools import pairwise
 from typing import Any
 
 import torch
+
 from ckptd.format.errors import MetadataError
 from ckptd.format.tree import TAG, flatten
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ckptd.converters.dcp_tree import dcp_leaves, fqn_of
 from ckptd.converters.outputs import attempt_discarded_on_failure, drain
 from ckptd.format.dtypes import tensor_to_numpy
@@ -35,7 +36,6 @@ from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import TAG, flatten
 from ckptd.format.writer import CheckpointWriter, WriterReport
-
 from ckptd.storage import open_store
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
 from ckptd.format.errors import CheckpointNotFoundError, ConfigError, MetadataError
 from ckptd.format.manifest import Manifest
 from ckptd.format.run import Run
 from ckptd.format.tree import flatten
 from ckptd.format.writer import CheckpointWriter
-
 from ckptd.storage import open_store
 
 ExportFormat = Literal["torch", "safetensors", "dcp", "hf"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from ckptd.converters.model_facts import LayoutRule, mesh_refusal
 from ckptd.converters.outputs import attempt_discarded_on_failure
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import crc32c as _crc32c
 import numcodecs
+
 from ckptd.format.errors import IntegrityError, MetadataError
 
 Compressor = Literal["none", "zstd", "blosc-zstd", "blosc-lz4"]

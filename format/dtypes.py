@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from ckptd.format.errors import MetadataError
 
 if TYPE_CHECKING:

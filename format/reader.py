@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import crc32c
 from ckptd.format.dtypes import numpy_to_tensor, of_tensor, tensor_to_numpy

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from ckptd.format.boxes import ShardBox, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.errors import IntegrityError

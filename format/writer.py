@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.dtypes import LogicalDType, of_tensor, tensor_to_numpy

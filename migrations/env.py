@@ -12,9 +12,10 @@ models and the migrations agree.
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Engine, create_engine
+
 from ckptd.api.db import default_url, normalise_url
 from ckptd.api.models import Base
-from sqlalchemy import Engine, create_engine
 
 config = context.config
 target_metadata = Base.metadata

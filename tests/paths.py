@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptd.format.run import Run, step_dir
-
 from ckptd.storage import LocalStore
 
 

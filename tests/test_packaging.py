@@ -55,10 +55,9 @@ def test_spec_document_ships_with_the_format_package() -> None:
 def test_migrations_are_package_data_and_the_environment_overrides_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import ckptd
     from ckptd.api.db import ENV_MIGRATIONS_DIR, migrations_dir
     from ckptd.api.errors import CatalogError
-
-    import ckptd
 
     monkeypatch.delenv(ENV_MIGRATIONS_DIR, raising=False)
     shipped = migrations_dir()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
 from ckptd.format.boxes import ShardBox
 from ckptd.format.layout import FusedSplit, Mesh, TensorLayout
 from ckptd.training.config import MODEL_FACTS_KEY, ModelConfig

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ckptd.engine import Checkpointer, ShardSpec
 from ckptd.format.boxes import ShardBox
 from ckptd.format.errors import LayoutError
 from ckptd.training.adapter import STEP_PATH, CanonicalSpec, GPTStateAdapter
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.zero import ZeroAdamW
-
-from ckptd.engine import Checkpointer, ShardSpec
 
 Catalog = dict[str, tuple[tuple[int, ...], torch.dtype]]
 

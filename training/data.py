@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from ckptd.training.config import DataConfig
 
 _SUCCESSORS = 4

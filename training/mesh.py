@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
 from ckptd.format.layout import mesh_coords
 
 MESH_ORDER = ("pp", "dp", "tp")

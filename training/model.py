@@ -18,6 +18,9 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
 from ckptd.training.config import ModelConfig
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.params import ParamMeta, Piece
@@ -27,8 +30,6 @@ from ckptd.training.tp import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.Module):

@@ -26,6 +26,8 @@ from typing import TextIO
 
 import torch
 import torch.distributed as dist
+
+from ckptd.engine.checkpointer import SIGTERM_EXIT_CODE
 from ckptd.training.adapter import GPTStateAdapter
 from ckptd.training.checkpoint import TrainerCheckpoint
 from ckptd.training.config import (
@@ -40,8 +42,6 @@ from ckptd.training.mesh import ParallelContext, all_reduce
 from ckptd.training.model import GPTStage, canonical_init
 from ckptd.training.pp import PipelineSchedule, bubble_fraction
 from ckptd.training.zero import ZeroAdamW
-
-from ckptd.engine.checkpointer import SIGTERM_EXIT_CODE
 
 
 @dataclass(kw_only=True, slots=True)

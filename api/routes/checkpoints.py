@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
+from fastapi import APIRouter, Query, Request
+
 from ckptd.api.deps import Authorized, JobsDep, SessionDep, read
 from ckptd.api.errors import NotFoundError
 from ckptd.api.models import ConversionJob
@@ -21,7 +23,6 @@ from ckptd.api.schemas import (
     Tier,
 )
 from ckptd.api.services import checkpoint_pages, checkpoints, jobs, restore
-from fastapi import APIRouter, Query, Request
 
 router = APIRouter(tags=["checkpoints"])
 MAX_LINEAGE = 1000

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from ckptd.api.schemas import MAX_ID, MAX_STEP
 from fastapi import Path, Query
+
+from ckptd.api.schemas import MAX_ID, MAX_STEP
 
 RunName = Annotated[str, Path(min_length=1, max_length=200, description="run name (a safe path segment)")]
 CheckpointId = Annotated[int, Path(ge=1, le=MAX_ID)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Literal
 
+from fastapi import APIRouter, Query, Request, Response, status
+
 from ckptd.api.deps import Authorized, DeleterDep, SessionDep, SettingsDep, read
 from ckptd.api.errors import InvalidRequestError
 from ckptd.api.models import Rollback
@@ -33,8 +35,6 @@ from ckptd.api.schemas import (
     check_selector,
 )
 from ckptd.api.services import checkpoints, retention, runs, selection, sync
-from fastapi import APIRouter, Query, Request, Response, status
-
 from ckptd.wire.selector import is_reserved
 
 router = APIRouter(prefix="/runs", tags=["runs"])

@@ -17,14 +17,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import ColumnElement, Row, Select, select
+from sqlalchemy.orm import Session
+
 from ckptd.api.errors import InvalidRequestError
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run
 from ckptd.api.schemas import CheckpointPage, CheckpointPublic, LayoutSummary, LocationPublic
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.api.services.runs import get_run
 from ckptd.format.names import check_segment
-from sqlalchemy import ColumnElement, Row, Select, select
-from sqlalchemy.orm import Session
 
 SORT_KEYS = ("step", "created_at", "nbytes", "id")
 _COLUMNS = (

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from ckptd.api.errors import ConflictError, InvalidTransitionError, NotFoundError
 from ckptd.api.models import Checkpoint, CheckpointMetric, CheckpointTag, Location, Run, utcnow
 from ckptd.api.roots import require_checkpoint_location
@@ -26,8 +29,6 @@ from ckptd.api.schemas import (
 )
 from ckptd.api.services.checkpoint_pages import layout_summary
 from ckptd.api.services.runs import get_run
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"committed", "failed"}),

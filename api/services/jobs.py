@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import ColumnElement, and_, or_, select, update
+
 from ckptd.api.db import Database
 from ckptd.api.errors import CatalogError, ConflictError
 from ckptd.api.models import ConversionJob, utcnow
@@ -26,7 +28,6 @@ from ckptd.api.schemas import ConvertRequest, JobPublic
 from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.services.restore import persistent_sources
 from ckptd.api.uris import check_uri, tier_of
-from sqlalchemy import ColumnElement, and_, or_, select, update
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ def default_converter(task: ConversionTask) -> dict[str, Any]:
     pyproject.toml's import contracts. Imported here so that ``ckptd serve`` never loads torch."""
     from ckptd.converters.reshard import reshard  # heavy (torch): only the worker thread imports it
     from ckptd.format.run import Run, step_dir
-
     from ckptd.storage import open_store
 
     src_root, _, group = task.source_uri.rpartition("/")

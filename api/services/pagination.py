@@ -13,9 +13,10 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from ckptd.api.errors import InvalidRequestError
 from sqlalchemy import ColumnElement, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute
+
+from ckptd.api.errors import InvalidRequestError
 
 MAX_PAGE = 500
 MAX_ID = 2**31 - 1

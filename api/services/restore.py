@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from ckptd.api.errors import ConflictError, InvalidRequestError
 from ckptd.api.models import Checkpoint
 from ckptd.api.schemas import ArrayRead, Box, LocationPublic, RankPlan, RestorePlan
@@ -20,7 +22,6 @@ from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.uris import TIERS, array_uri
 from ckptd.format.errors import LayoutError, MetadataError
 from ckptd.format.layout import TensorLayout, mesh_coords
-from sqlalchemy.orm import Session
 
 RANK_ORDER = ("pp", "dp", "tp")
 MAX_PLAN_ENTRIES = 25_000

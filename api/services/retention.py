@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from ckptd.api.errors import BackendNotInstalledError, CatalogError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Run
 from ckptd.api.roots import deletable_local_dir, require_allowed_root, require_checkpoint_location
@@ -25,8 +28,6 @@ from ckptd.api.schemas import GCEntry, GCPlan, GCResult, RetentionPolicy
 from ckptd.api.services.checkpoints import transition
 from ckptd.api.services.runs import get_run
 from ckptd.api.services.selection import protected_ids
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 StorageDeleter = Callable[[str], None]
 """Deletes the tree at a URI (a checkpoint group); missing trees are not an error."""

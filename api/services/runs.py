@@ -6,15 +6,16 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
 from ckptd.api.errors import ConflictError, NotFoundError
 from ckptd.api.models import Checkpoint, Run
 from ckptd.api.roots import require_allowed_root
 from ckptd.api.schemas import RetentionPolicy, RunCreate, RunPublic, RunUpdate
 from ckptd.api.services.pagination import after, check_limit, decode_cursor, encode_cursor
 from ckptd.format.names import check_segment
-from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, Session
 
 RUN_SORTS = ("created_at", "-created_at", "name", "-name")
 _RUN_COLUMNS = (

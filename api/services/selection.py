@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
 from ckptd.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from ckptd.api.models import Alias, Checkpoint, CheckpointMetric, Rollback, Run, utcnow
 from ckptd.api.schemas import RollbackRequest
 from ckptd.api.services.checkpoints import get_checkpoint
 from ckptd.api.services.runs import get_run
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
-
 from ckptd.wire.selector import Alias as AliasSelector
 from ckptd.wire.selector import Best, Latest, SelectorError, parse_selector
 

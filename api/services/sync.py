@@ -20,6 +20,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from ckptd.api.errors import InvalidRequestError, StorageDeleteError
 from ckptd.api.models import Checkpoint, Location, Run
 from ckptd.api.roots import local_path
@@ -29,9 +33,6 @@ from ckptd.api.services.retention import open_fs
 from ckptd.api.services.runs import create_run
 from ckptd.api.uris import check_uri, require_within
 from ckptd.format.errors import CheckpointError
-from pydantic import ValidationError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,6 @@ def read_run_manifests(root: str) -> tuple[list[ManifestRecord], dict[str, str]]
     The catalog reads storage here because the manifests in storage are the source of truth
     (an arrow allowed explicitly in pyproject.toml's import contracts)."""
     from ckptd.format.run import Run, step_dir  # the storage stack is only needed when syncing
-
     from ckptd.storage import open_store
 
     root = check_uri(root)

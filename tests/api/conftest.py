@@ -17,13 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
 from ckptd.api.app import create_app
 from ckptd.api.db import normalise_url
 from ckptd.api.services.jobs import ConversionTask
 from ckptd.api.settings import CatalogSettings
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
 from tests.uvicorn_thread import serve_in_thread
 
 TOKEN = "test-token-" + "x" * 16

@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 import uvicorn
+
 from ckptd.api.app import create_app
 from ckptd.api.services.jobs import ConversionTask
 from ckptd.api.settings import CatalogSettings
-
 from tests.api.conftest import TOKEN
 
 

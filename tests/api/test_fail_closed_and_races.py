@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+
 from ckptd.api.app import create_app
 from ckptd.api.settings import CatalogSettings
-
 from tests.api.conftest import FreshDatabases, LiveServer, make_run, unique
 from tests.uvicorn_thread import serve_in_thread
 

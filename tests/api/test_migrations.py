@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from ckptd.api.db import Database
-from ckptd.api.models import Base
 from sqlalchemy import inspect
 
+from ckptd.api.db import Database
+from ckptd.api.models import Base
 from tests.api.conftest import FreshDatabases
 
 HEAD = "0003"

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from ckptd.format.layout import TensorLayout, mesh_coords
 
+from ckptd.format.layout import TensorLayout, mesh_coords
 from tests.api.conftest import add_checkpoint, layout, make_run
 
 V1 = "/api/v1"

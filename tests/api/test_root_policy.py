@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ckptd.api.settings import CatalogSettings, parse_allow_roots
 
+from ckptd.api.settings import CatalogSettings, parse_allow_roots
 from tests.api.conftest import AUTH, FreshDatabases, start_server, unique
 
 V1 = "/api/v1"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from ckptd.api.services.jobs import ConversionTask
 from hypothesis import HealthCheck, given, settings
 
+from ckptd.api.services.jobs import ConversionTask
 from tests.api.conftest import AUTH, FreshDatabases, start_server
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+
 from ckptd.api.db import Database
 from ckptd.api.models import Run
-
 from tests.api.conftest import LiveServer, add_checkpoint, make_run
 
 V1 = "/api/v1"

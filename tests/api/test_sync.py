@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
+
 from ckptd.api.db import Database
 from ckptd.api.services.sync import ManifestRecord, reconcile
-
 from ckptd.cli.main import main
 from tests.api.conftest import FreshDatabases, add_checkpoint, make_run, unique
 
@@ -60,9 +60,9 @@ def test_reconcile_from_json_fixtures(databases: FreshDatabases, tmp_path: Path)
 
 def _write_real_checkpoint(root: Path, step: int, loss: float) -> None:
     import torch
+
     from ckptd.format.run import Run
     from ckptd.format.writer import CheckpointWriter
-
     from ckptd.storage import open_store
 
     run = Run(open_store(str(root), fsync=False))
@@ -129,8 +129,8 @@ def test_default_converter_reshards_a_real_checkpoint(databases: FreshDatabases,
             assert job["result"]["arrays"] == 1
             # the converted checkpoint holds the source's bits in the requested layout
             import torch
-            from ckptd.format.run import Run
 
+            from ckptd.format.run import Run
             from ckptd.storage import open_store
 
             converted = Run(open_store(str(out.parent)))

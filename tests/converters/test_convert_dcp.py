@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from ckptd.converters.dcp_import import import_dcp
-from ckptd.converters.dcp_metadata import read_metadata
-from ckptd.format.errors import MetadataError
 
 import ckptd
 from ckptd.cli.main import main
+from ckptd.converters.dcp_import import import_dcp
+from ckptd.converters.dcp_metadata import read_metadata
+from ckptd.format.errors import MetadataError
 
 
 def source_state() -> dict[str, Any]:

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd.converters.hf import import_safetensors, parse_size
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckptd
 from ckptd.cli.main import main
+from ckptd.converters.hf import import_safetensors, parse_size
 
 INDEX = "model.safetensors.index.json"
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckptd.converters.model_facts import recorded_facts
-from ckptd.format.run import Run
-from ckptd.training.config import MODEL_FACTS_KEY
 
 import ckptd
 from ckptd.cli.main import main
+from ckptd.converters.model_facts import recorded_facts
+from ckptd.format.run import Run
 from ckptd.storage import LocalStore
+from ckptd.training.config import MODEL_FACTS_KEY
 
 FACTS = {"vocab_size": 101, "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
+
+import ckptd
+from ckptd.cli.main import main
 from ckptd.converters import reshard
 from ckptd.format import CheckpointWriter, Run, TensorLayout, mesh_coords
 from ckptd.format.boxes import ShardBox
 from ckptd.format.writer import WriterReport
-
-import ckptd
-from ckptd.cli.main import main
 from ckptd.storage import open_store
 
 MESH = {"dp": 2, "tp": 2, "pp": 2}

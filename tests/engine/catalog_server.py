@@ -27,7 +27,6 @@ def thread_server(database_url: str) -> Iterator[str]:
     """The catalog app under uvicorn on 127.0.0.1, port 0, in this process; yields its URL."""
     from ckptd.api.app import create_app
     from ckptd.api.settings import CatalogSettings
-
     from tests.uvicorn_thread import serve_in_thread
 
     allow = (tempfile.gettempdir(),)  # where the tests' run roots live

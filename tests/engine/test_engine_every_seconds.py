@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckptd.format.errors import CheckpointError
 from workload import make, params, seed_all, train_step
 
 import ckptd
@@ -21,6 +20,7 @@ import ckptd.engine.restore_path as restore_path_module
 import ckptd.engine.save_path as save_path_module
 from ckptd.engine.config import TierConfig
 from ckptd.engine.policy import SavePolicy
+from ckptd.format.errors import CheckpointError
 
 
 class ScriptedClock:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckptd.format import CheckpointWriter, LayoutError, Run
 
 from ckptd.engine.config import TierConfig
 from ckptd.engine.coordination import LocalCoordinator
 from ckptd.engine.tiers import StoreTier
+from ckptd.format import CheckpointWriter, LayoutError, Run
 from ckptd.storage import open_store
 
 

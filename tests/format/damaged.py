@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fmt_helpers import random_bits
+
+import ckptd
+from ckptd.cli.main import main as cli_main
 from ckptd.format import (
     CheckpointError,
     CheckpointWriter,
@@ -22,10 +26,6 @@ from ckptd.format import (
 )
 from ckptd.format.codecs import crc32c
 from ckptd.format.commit import commit
-from fmt_helpers import random_bits
-
-import ckptd
-from ckptd.cli.main import main as cli_main
 from ckptd.storage import LocalStore
 
 STEP = 5

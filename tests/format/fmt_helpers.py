@@ -7,9 +7,10 @@ import math
 from typing import Any
 
 import torch
+from hypothesis import strategies as st
+
 from ckptd.format.boxes import ShardBox
 from ckptd.format.dtypes import _TABLE
-from hypothesis import strategies as st
 
 ALL_DTYPES: list[torch.dtype] = [d.torch_dtype for d in _TABLE]
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.converters.reshard import reshard
-from ckptd.format import CheckpointError, Run
-from ckptd.format.codecs import crc32c
-from ckptd.format.run import step_dir
 from confine import confined_to
 from damaged import STEP, reseal, unseal
 
 import ckptd
 from ckptd.cli.main import main as cli_main
+from ckptd.converters.reshard import reshard
+from ckptd.format import CheckpointError, Run
+from ckptd.format.codecs import crc32c
+from ckptd.format.run import step_dir
 from ckptd.storage import LocalStore
 
 HOSTILE_VALUES: list[Any] = [

@@ -12,9 +12,9 @@ import math
 import sys
 
 import torch
+
 from ckptd.format import CheckpointWriter, ShardBox
 from ckptd.format.writer import report_to_json
-
 from ckptd.storage import open_store
 
 

@@ -9,9 +9,9 @@ import sys
 import time
 
 import torch
-from ckptd.format.errors import CheckpointExistsError
 
 import ckptd
+from ckptd.format.errors import CheckpointExistsError
 
 
 def main() -> None:

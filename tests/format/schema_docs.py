@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from ckptd.format.run import step_dir
 
+from ckptd.format.run import step_dir
 from tests.paths import meta_path
 
 FORMAT = Path(__file__).resolve().parents[2] / "format"

@@ -6,6 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from fmt_helpers import box_in, tilings
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ckptd.format import LayoutError, ShardBox
 from ckptd.format.boxes import (
     cell_box,
@@ -15,9 +19,6 @@ from ckptd.format.boxes import (
     grid_cells,
     split_evenly,
 )
-from fmt_helpers import box_in, tilings
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 shapes = st.lists(st.integers(0, 12), min_size=0, max_size=3).map(tuple)
 

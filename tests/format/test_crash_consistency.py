@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptd.format import Run
-from ckptd.format.run import step_dir
 from crash_save_proc import make_state
 from fmt_helpers import assert_tree_equal
 
 import ckptd
+from ckptd.format import Run
+from ckptd.format.run import step_dir
 from ckptd.storage import open_store
 
 PROC = Path(__file__).with_name("crash_save_proc.py")

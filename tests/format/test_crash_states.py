@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ckptd.format import Run
 from crash_views import (
     CrashState,
     commit_op,
@@ -34,6 +33,7 @@ from fs_trace import FsModel, Op, trace
 from traced_save_proc import make_state
 
 import ckptd
+from ckptd.format import Run
 from ckptd.storage import open_store
 
 PROC = Path(__file__).with_name("traced_save_proc.py")

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+
+import ckptd
 from ckptd.format.errors import CheckpointError, CheckpointExistsError, StorageError
 from ckptd.format.run import Run, step_dir
 from ckptd.format.writer import CheckpointWriter
-
-import ckptd
 from ckptd.storage import open_store
 
 PROC = Path(__file__).parent / "race_save_proc.py"

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from ckptd.format import Run
 from damaged import STEP
 from fuzz import MAX_TRACED_BYTES, Outcome, mutate, run_case
 
+from ckptd.format import Run
 from ckptd.storage import LocalStore
 
 CASES = 28

@@ -16,6 +16,11 @@ from typing import Any
 
 import pytest
 import torch
+from confine import confined_to
+from damaged import STEP, exercise, expected, load_doc, reseal, sealed_json, unseal
+from fmt_helpers import assert_bits_equal
+
+import ckptd
 from ckptd.format import (
     CheckpointError,
     IntegrityError,
@@ -27,11 +32,6 @@ from ckptd.format import (
 from ckptd.format.codecs import crc32c
 from ckptd.format.commit_record import MAX_RANK_BYTES, MAX_RECORD_BYTES
 from ckptd.format.run import step_dir
-from confine import confined_to
-from damaged import STEP, exercise, expected, load_doc, reseal, sealed_json, unseal
-from fmt_helpers import assert_bits_equal
-
-import ckptd
 from ckptd.storage import LocalStore
 
 Docs = dict[str, Any]  # {"record": {...}, "pages": [{...}, ...], "state": {...}}

@@ -13,6 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from confine import confined_to
+from damaged import STEP, cli, exercise, load_doc, reseal, sealed_json, unseal
+
+import ckptd
 from ckptd.format import (
     CheckpointError,
     IntegrityError,
@@ -22,10 +26,6 @@ from ckptd.format import (
     UnsupportedFormatError,
 )
 from ckptd.format.run import step_dir
-from confine import confined_to
-from damaged import STEP, cli, exercise, load_doc, reseal, sealed_json, unseal
-
-import ckptd
 from ckptd.storage import LocalStore
 
 # ---------------------------------------------------------------------- hostile manifests

@@ -12,6 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from damaged import STEP, build_checkpoint, cli, exercise, expected, flip
+from fmt_helpers import assert_bits_equal
+
+import ckptd
 from ckptd.format import (
     CheckpointNotFoundError,
     IntegrityError,
@@ -20,10 +24,6 @@ from ckptd.format import (
 )
 from ckptd.format.run import step_dir
 from ckptd.format.writer import shard_key
-from damaged import STEP, build_checkpoint, cli, exercise, expected, flip
-from fmt_helpers import assert_bits_equal
-
-import ckptd
 from ckptd.storage import LocalStore
 from tests.paths import data_path, meta_path
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ckptd.format import LayoutError, MetadataError, ShardBox, TensorLayout, mesh_coords
 from ckptd.format.boxes import check_tiling
 from ckptd.format.layout import FusedSplit
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @st.composite

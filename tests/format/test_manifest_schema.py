@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 import torch
+from damaged import STEP
+from schema_docs import SCHEMA_FILES, assert_valid, committed_documents, errors
+from test_hostile_commit_records import CASES, Case, _nothing, apply
+
+import ckptd
 from ckptd.converters.dcp_import import import_dcp
 from ckptd.converters.hf import import_safetensors
 from ckptd.converters.reshard import reshard
 from ckptd.format import CheckpointError, Run
 from ckptd.format.layout import FusedSplit, TensorLayout
 from ckptd.format.run import step_dir
-from damaged import STEP
-from schema_docs import SCHEMA_FILES, assert_valid, committed_documents, errors
-from test_hostile_commit_records import CASES, Case, _nothing, apply
-
-import ckptd
 from ckptd.storage import LocalStore
 
 # ------------------------------------------------------------------ real documents validate

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ckptd.format import LayoutError, Run, ShardBox, TensorLayout
-from ckptd.format.boxes import split_evenly
-from ckptd.format.writer import report_from_json
 from fmt_helpers import assert_bits_equal
 from multiwriter_proc import full_array
 
 import ckptd
+from ckptd.format import LayoutError, Run, ShardBox, TensorLayout
+from ckptd.format.boxes import split_evenly
+from ckptd.format.writer import report_from_json
 from ckptd.storage import open_store
 
 WORLD = 8

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ckptd.format import UnsafeNameError
 from ckptd.format.names import (
     MAX_SEGMENT_LENGTH,
@@ -11,8 +14,6 @@ from ckptd.format.names import (
     encode_key,
     join_array_path,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 UNSAFE = [
     "",

@@ -6,12 +6,13 @@ import math
 import random
 
 import pytest
-from ckptd.format import LayoutError, ShardBox, TensorLayout
-from ckptd.format.boxes import cell_box, cells_overlapping, split_evenly
-from ckptd.format.plan import ArrayPlan, plan_array
 from fmt_helpers import tilings
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ckptd.format import LayoutError, ShardBox, TensorLayout
+from ckptd.format.boxes import cell_box, cells_overlapping, split_evenly
+from ckptd.format.plan import ArrayPlan, plan_array
 
 
 def check_plan(

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd.format import CheckpointWriter, LayoutError, MetadataError, Run, ShardBox
-from ckptd.format.writer import report_from_json, report_to_json
 from fmt_helpers import ALL_DTYPES, assert_bits_equal, assert_tree_equal, box_in, random_bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptd
+from ckptd.format import CheckpointWriter, LayoutError, MetadataError, Run, ShardBox
+from ckptd.format.writer import report_from_json, report_to_json
 from ckptd.storage import LocalStore
 
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in ALL_DTYPES]

@@ -20,11 +20,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from ckptd.format import Run
 from fmt_helpers import assert_tree_equal
 from traced_save_proc import make_state
 
 import ckptd
+from ckptd.format import Run
 from ckptd.storage import open_store
 
 OLD, NEW = 7, 8

@@ -10,6 +10,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from ckptd.format.boxes import ShardBox
 from ckptd.format.codecs import CodecSpec, crc32c
 from ckptd.format.errors import IntegrityError

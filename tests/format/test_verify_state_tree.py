@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from ckptd.format import CheckpointError, Run
-from ckptd.format.codecs import crc32c
-from ckptd.format.run import step_dir
 from damaged import STEP, cli, load_doc, reseal, sealed_json
 
 import ckptd
+from ckptd.format import CheckpointError, Run
+from ckptd.format.codecs import crc32c
+from ckptd.format.run import step_dir
 from ckptd.storage import LocalStore
 
 Edit = Callable[[dict[str, Any]], None]

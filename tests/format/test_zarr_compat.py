@@ -12,10 +12,10 @@ import pytest
 import torch
 import zarr
 import zarr.storage
-from ckptd.format import CheckpointWriter, CodecSpec, Manifest, Run, ShardBox
-from ckptd.format.run import step_dir
 from fmt_helpers import ALL_DTYPES, assert_bits_equal, random_bits
 
+from ckptd.format import CheckpointWriter, CodecSpec, Manifest, Run, ShardBox
+from ckptd.format.run import step_dir
 from ckptd.storage import open_store
 from tests.paths import data_path
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ckptd.format.errors import StorageError
 
+from ckptd.format.errors import StorageError
 from ckptd.storage import LocalStore
 
 

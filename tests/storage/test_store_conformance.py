@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+
+import ckptd
 from ckptd.format.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckptd.format.run import Run, step_dir
 from ckptd.format.store import Store
-
-import ckptd
 from ckptd.storage import FsspecStore, LocalStore, open_store
 from ckptd.testing.store_conformance import StoreTests
 

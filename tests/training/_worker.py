@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from ckptd.format.boxes import ShardBox
 from ckptd.format.layout import TensorLayout
 from ckptd.training.adapter import CanonicalSpec, CanonicalTensor, assemble_canonical, read_boxes

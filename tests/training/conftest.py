@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+
 from ckptd.training.adapter import assemble_canonical
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import Trainer

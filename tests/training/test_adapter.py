@@ -6,13 +6,14 @@ import itertools
 
 import pytest
 import torch
+from conftest import train_config
+
 from ckptd.format.boxes import ShardBox, check_tiling
 from ckptd.training.adapter import CanonicalSpec, GPTStateAdapter, assemble_canonical, read_boxes
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.model import GPTStage
 from ckptd.training.trainer import Trainer
 from ckptd.training.zero import ZeroAdamW
-from conftest import train_config
 
 
 def rank_specs(

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Result, reference, rel_diff, train_config
+
 from ckptd.training.adapter import read_boxes
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import Trainer
-from conftest import Result, reference, rel_diff, train_config
 
 pytestmark = pytest.mark.distributed
 

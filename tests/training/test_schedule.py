@@ -13,6 +13,7 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
+
 from ckptd.training import trainer as trainer_mod
 from ckptd.training.config import ParallelConfig, TrainingConfigError
 from ckptd.training.pp import Op, rank_order, simulate

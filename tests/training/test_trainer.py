@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import ckptd
+from ckptd.cli import train as train_cli
 from ckptd.training import trainer as trainer_mod
 from ckptd.training.config import DataConfig, ModelConfig, OptimConfig, ParallelConfig
 from ckptd.training.data import TokenSource
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.trainer import TrainConfig, Trainer
-
-import ckptd
-from ckptd.cli import train as train_cli
 
 
 def test_loss_clearly_falls_on_the_synthetic_corpus() -> None:

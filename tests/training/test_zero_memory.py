@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Result, train_config
+
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.model import GPTStage
 from ckptd.training.trainer import Trainer
 from ckptd.training.zero import ZeroAdamW
-from conftest import Result, train_config
 
 
 def layer_bytes(layers: int) -> tuple[int, int]:

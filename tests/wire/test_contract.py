@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from ckptd.api.schemas import CheckpointCreate, CheckpointUpdate
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from ckptd.api.schemas import CheckpointCreate, CheckpointUpdate
 from ckptd.wire.contract import MAX_ERROR_CHARS, MAX_METRICS, clean_metrics
 
 names = st.one_of(st.text(max_size=210), st.from_regex(r"[A-Za-z0-9_.\-/]{1,200}", fullmatch=True))

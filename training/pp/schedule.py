@@ -26,6 +26,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
 from ckptd.training.mesh import ParallelContext
 from ckptd.training.model import GPTStage
 from ckptd.training.pp.order import Op, last_backwards, rank_order

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from ckptd.training.mesh import Group, all_reduce
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from ckptd.training.mesh import Group
 from ckptd.training.tp.comm import copy_to_tp, reduce_from_tp
-from torch import nn
 
 
 class ColumnParallelLinear(nn.Module):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
 from ckptd.training.mesh import Group, group_rank, group_size
 
 if TYPE_CHECKING:

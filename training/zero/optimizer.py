@@ -37,14 +37,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
 from ckptd.training.config import OptimConfig
 from ckptd.training.mesh import ParallelContext, all_gather_rows, all_reduce
 from ckptd.training.params import ParamMeta
 from ckptd.training.zero.buckets import GradBuckets
 from ckptd.training.zero.shard import ParamShards
 from ckptd.training.zero.stage3 import ParamMeter, ShardedParam, Zero3Runtime, shard_module
-from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 
 @dataclass(slots=True, eq=False)

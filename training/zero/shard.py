@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from ckptd.training.params import ParamMeta, shard_cell, shard_rows
 
 

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ckptd.training.mesh import Group
-from ckptd.training.zero.shard import ParamShards
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from ckptd.training.mesh import Group
+from ckptd.training.zero.shard import ParamShards
 
 GradSink = Callable[[torch.Tensor], None]
 

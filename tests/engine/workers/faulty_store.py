@@ -25,7 +25,6 @@ from typing import Any
 
 from ckptd.format.run import step_dir
 from ckptd.format.store import Buffer, Store
-
 from ckptd.storage import LocalStore, register_scheme
 
 SCHEME = "faulty+file"
