@@ -29,6 +29,15 @@ if ! BIN=$(find_bin); then
   BIN=$(find_bin)
 fi
 
+# initdb refuses to run as root: the cluster belongs to a `postgres` system user, created when the
+# server binaries came without one (an image may ship them without the Debian package's user).
+if [[ $(id -u) -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
+  log "creating the postgres system user"
+  group=(--user-group)
+  getent group postgres >/dev/null 2>&1 && group=(-g postgres)
+  useradd --system "${group[@]}" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin postgres >&2
+fi
+
 as_postgres() {
   if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
