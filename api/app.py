@@ -48,7 +48,9 @@ from ckptd.format.errors import (
 )
 
 API_PREFIX = "/api/v1"
-STATIC_DIR = Path(__file__).parent / "static"
+# resolve(): a strict editable install links each file of the package; StaticFiles refuses to serve a
+# link that leads outside its directory, so serve the folder the links point into (a no-op in a wheel).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def http_status(error: Exception) -> int:
