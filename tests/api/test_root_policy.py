@@ -153,7 +153,11 @@ def test_serve_refuses_a_bad_allowed_root_in_one_line(
     from ckptd.cli.main import main
 
     for var in ("CKPTD_ALLOW_ROOTS", "CKPTD_DATABASE_URL", "CKPTD_ALLOWED_HOSTS"):
-        monkeypatch.delenv(var, raising=False)  # serve exports its flags; restored after the test
+        # serve exports its flags to the environment: setenv first, so that monkeypatch restores
+        # "unset" after the test (a bare delenv of an unset variable records nothing to undo, and the
+        # bad root would leak into every later server this process starts)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     db = f"sqlite:///{tmp_path / 'c.db'}"
     assert main(["serve", "--db", db, "--allow-root", "relative/dir"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

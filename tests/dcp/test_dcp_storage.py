@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +81,8 @@ def test_non_json_values_are_refused_not_pickled(tmp_path: Path) -> None:
     ):
         dcp.save(state, storage_writer=ckptd.dcp.StorageWriter(uri, step=1), no_dist=True)
     assert ckptd.open_run(uri).steps() == []
+    # the failed attempt's lease is released: no thread keeps it fresh (gc may collect the attempt)
+    deadline = time.monotonic() + 10
+    while any(t.name == "ckptd-lease" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "ckptd-lease" for t in threading.enumerate())

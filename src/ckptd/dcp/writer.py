@@ -139,6 +139,15 @@ class StorageWriter(dcp_storage.StorageWriter):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[dcp_storage.WriteResult]]:
+        try:
+            return self._write_data(plan, planner)
+        except BaseException:
+            # DCP calls no finish() after a failed write: the attempt this process opened would keep
+            # its lease refreshed for the life of the process, and gc could never collect it.
+            self._run().abandon(self.step)
+            raise
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[dcp_storage.WriteResult]]:
         storage_data: dict[str, Any] = dict(plan.storage_data or {})
         attempt = storage_data.pop(ATTEMPT_KEY, None)
         if not isinstance(attempt, str):
