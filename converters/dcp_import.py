@@ -9,6 +9,9 @@ job was saved in (FSDP2 row blocks stay separate shards) and nothing is re-cut.
 Memory stays bounded: chunks are loaded one at a time (``torch.load(weights_only=True)``,
 which refuses arbitrary objects) and written before more than ``memory_bytes`` are held.
 Non-tensor items are kept only when they are JSON-able values.
+
+With ``mesh`` the checkpoint is instead cut for that mesh (``dcp_mesh``: what a mesh means for
+arrays that record no layout, and how the cut stays atomic and memory-bounded).
 """
 
 from __future__ import annotations
@@ -43,8 +46,25 @@ def import_dcp(
     overwrite: bool = False,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     storage_options: dict[str, Any] | None = None,
+    mesh: Mapping[str, int] | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> Manifest:
-    """Save the DCP checkpoint in directory ``src`` as checkpoint ``step`` of run ``uri``."""
+    """Save the DCP checkpoint in directory ``src`` as checkpoint ``step`` of run ``uri``.
+
+    Without ``mesh``, DCP's chunks become the writer boxes. With ``mesh`` (e.g. ``{"dp": 4}``) the
+    checkpoint is laid out for that mesh so each of its ranks reads one shard per tensor: arrays
+    whose dim 0 has at least as many rows as the mesh has ranks are cut into row blocks along
+    dim 0 by every axis in the given order (``Shard(0)`` on each mesh dimension, ceil division as
+    in ``torch.chunk``); 0-dim arrays and shorter ones are stored whole, replicated over the mesh.
+    That pass stages a plain import in ``scratch_dir`` (default: the system temporary directory),
+    which is always deleted; see ``ckptd.converters.dcp_mesh``.
+    """
+    if mesh is not None:
+        from ckptd.converters.dcp_mesh import import_dcp_for_mesh
+
+        return import_dcp_for_mesh(src, uri, step=step, mesh=mesh, overwrite=overwrite,
+                                   memory_bytes=memory_bytes, storage_options=storage_options,
+                                   scratch_dir=scratch_dir)
     src = Path(src)
     source = _DcpSource(src)
     run = Run(open_store(uri, storage_options))

@@ -7,6 +7,10 @@ import sys
 
 from ckptd.format.errors import CheckpointError, LayoutError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `ckptd --help` stays fast
+if TYPE_CHECKING:
+    from ckptd.format.manifest import Manifest
+
 
 def parse_mesh(text: str) -> dict[str, int]:
     """``"tp=4,pp=1,dp=2"`` -> ``{"tp": 4, "pp": 1, "dp": 2}``."""
@@ -72,6 +76,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="default: detected (.metadata: dcp; model.safetensors.index.json: hf; file suffix)",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--mesh", type=parse_mesh, default=None,
+                   help="dcp: lay the checkpoint out for this mesh, e.g. dp=4 (row blocks along dim 0 over "
+                   "all axes; tensors shorter than the mesh stay whole)")
     p.set_defaults(func=cmd_import)
 
 
@@ -154,8 +161,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     try:
         with new_run_root_removed_on_failure(args.uri):  # the converters delete their partial attempt
-            m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format,
-                                  overwrite=args.overwrite)
+            if args.mesh is not None:
+                m = _import_for_mesh(args)
+            else:
+                m = import_checkpoint(args.src, args.uri, step=args.step, fmt=args.format,
+                                      overwrite=args.overwrite)
     except CheckpointError as e:
         # torch's weights_only refusal is a page of advice (ending in "load it unsafely"); say what it found
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
@@ -166,5 +176,22 @@ def cmd_import(args: argparse.Namespace) -> int:
         if "\n" in str(e).strip():
             raise type(e)(" ".join(str(e).split())) from e
         raise
-    print(f"imported {args.src} as step {m.step} of {args.uri}: {m.array_count} arrays, {m.nbytes} bytes")
+    laid_out = f" for mesh {dict(m.mesh)}" if args.mesh is not None else ""
+    print(f"imported {args.src} as step {m.step} of {args.uri}{laid_out}: {m.array_count} arrays, "
+          f"{m.nbytes} bytes")
     return 0
+
+
+def _import_for_mesh(args: argparse.Namespace) -> Manifest:
+    """``import --mesh``: only a DCP directory can be laid out for a mesh on the way in."""
+    from pathlib import Path
+
+    from ckptd.converters.dcp_import import import_dcp
+    from ckptd.converters.interop import detect_format
+    from ckptd.format.errors import ConfigError
+
+    fmt = args.format or detect_format(Path(args.src))
+    if fmt != "dcp":
+        raise ConfigError(f"--mesh lays out DCP imports only; {args.src} is a {fmt} checkpoint "
+                          "(import it, then `ckptd convert --mesh`)")
+    return import_dcp(args.src, args.uri, step=args.step, overwrite=args.overwrite, mesh=args.mesh)
