@@ -47,9 +47,13 @@ def _default_max_body() -> int:
     return int(env) if env else DEFAULT_MAX_BODY_BYTES
 
 
+def parse_allowed_hosts(value: str) -> tuple[str, ...]:
+    """``CKPTD_ALLOWED_HOSTS``: host names separated by commas."""
+    return tuple(h.strip() for h in value.split(",") if h.strip())
+
+
 def _default_hosts() -> tuple[str, ...]:
-    env = os.environ.get(ENV_ALLOWED_HOSTS, "")
-    return tuple(h.strip() for h in env.split(",") if h.strip())
+    return parse_allowed_hosts(os.environ.get(ENV_ALLOWED_HOSTS, ""))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

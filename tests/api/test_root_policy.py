@@ -162,3 +162,27 @@ def test_serve_refuses_a_bad_allowed_root_in_one_line(
     assert main(["serve", "--db", db, "--allow-root", "relative/dir"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ckptd: error: allowed root 'relative/dir'")
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--allow-root", "relative/dir"], "ckptd: error: allowed root 'relative/dir'"),
+        (["--allowed-host", "ckptd.example.com", "--max-body-bytes", "5", "--allow-root", "/srv/runs"],
+         "ckptd: error: max_body_bytes must be between 1 KiB and 1 GiB"),
+    ],
+)
+def test_a_refused_serve_flag_leaves_the_environment_as_it_was(
+    flags: list[str], error: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from ckptd.cli.main import main
+
+    monkeypatch.setenv("CKPTD_ALLOW_ROOTS", str(tmp_path))  # what the operator had set before
+    for var in ("CKPTD_DATABASE_URL", "CKPTD_MAX_BODY_BYTES", "CKPTD_ALLOWED_HOSTS"):
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores "unset" if serve leaks it
+        monkeypatch.delenv(var)
+    before = dict(os.environ)
+    assert main(["serve", "--db", f"sqlite:///{tmp_path / 'c.db'}", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(error)
+    assert dict(os.environ) == before

@@ -6,7 +6,6 @@ mesh runs on 2 real gloo ranks (this file, run as a script, is the rank).
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import warnings
@@ -122,7 +121,9 @@ def test_import_at_a_mesh_is_bit_exact_and_stores_one_box_per_rank(
     assert list(scratch.iterdir()) == []
 
 
-def test_uneven_rows_are_cut_with_ceil_division_as_torch_chunk(source: Path, scratch: Path, tmp_path: Path) -> None:
+def test_uneven_rows_are_cut_with_ceil_division_as_torch_chunk(
+    source: Path, scratch: Path, tmp_path: Path
+) -> None:
     m = import_dcp(source, str(tmp_path / "run"), step=2, mesh={"dp": 4})
     assert stored_boxes(m.arrays["ids"]) == rows((0, 3), (3, 6), (6, 9), (9, 10))
     assert [len(c) for c in torch.arange(10).chunk(4)] == [3, 3, 3, 1]
@@ -174,9 +175,10 @@ def test_mesh_on_a_file_import_is_a_one_line_error(
     tmp_path: Path, scratch: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     torch.save({"w": torch.ones(4)}, tmp_path / "w.pt")
-    assert main(["import", str(tmp_path / "w.pt"), str(tmp_path / "run"), "--step", "1", "--mesh", "dp=2"]) == 2
+    src = tmp_path / "w.pt"
+    assert main(["import", str(src), str(tmp_path / "run"), "--step", "1", "--mesh", "dp=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ckptd: error: --mesh lays out DCP imports only; {tmp_path / 'w.pt'} is a torch checkpoint "
+    assert err == [f"ckptd: error: --mesh lays out DCP imports only; {src} is a torch checkpoint "
                    "(import it, then `ckptd convert --mesh`)"]
     assert not (tmp_path / "run").exists()
 
@@ -208,3 +210,46 @@ def test_an_existing_step_is_refused_before_importing_and_replaced_with_overwrit
     got: dict[str, Any] = {}
     ckptd.load(got, uri, step=5)
     assert_same(got, source_state())
+
+
+@pytest.mark.distributed
+def test_a_trainer_at_the_mesh_restores_its_dtensors_bit_exactly(source: Path, tmp_path: Path) -> None:
+    from tests.launch import launch
+
+    uri = str(tmp_path / "run")
+    import_dcp(source, uri, step=4, mesh={"dp": 2})
+    # each rank asserts its local shards and full tensors; launch raises with their output otherwise
+    launch([__file__, "{rank}", "{world}", "{port}", uri], 2, timeout=120, parent_store=True,
+           env={"PYTHONWARNINGS": "ignore"}, cwd=None)
+
+
+def _restore_at_mesh(rank: int, world: int, port: int, uri: str) -> None:
+    """One rank of a dp=2 job: DTensors as fully_shard lays them out, filled by ``ckptd.load``."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, None, is_master=False),
+                            rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        want = source_state()
+        tensors = {"model": want["model"], "top": {"ids": want["ids"]}}
+
+        def placed(t: torch.Tensor, fill: torch.Tensor) -> DTensor:
+            placement = Shard(0) if t.dim() and t.shape[0] >= world else Replicate()
+            return distribute_tensor(fill, mesh, [placement])
+
+        state = {"model": {k: placed(v, torch.zeros_like(v)) for k, v in want["model"].items()},
+                 "ids": placed(want["ids"], torch.zeros_like(want["ids"]))}
+        assert ckptd.load(state, uri) == 4
+        for group in tensors.values():
+            for k, v in group.items():
+                got = state["model"][k] if k in state["model"] else state[k]
+                assert torch.equal(got.to_local(), placed(v, v).to_local()), (rank, k)
+                assert torch.equal(got.full_tensor(), v), (rank, k)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _restore_at_mesh(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

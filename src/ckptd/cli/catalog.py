@@ -89,30 +89,18 @@ def _url(args: argparse.Namespace) -> str:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ckptd.api.db import ENV_DATABASE_URL
-    from ckptd.api.settings import (
-        ENV_ALLOW_ROOTS,
-        ENV_ALLOWED_HOSTS,
-        ENV_MAX_BODY_BYTES,
-        CatalogSettings,
-    )
+    from ckptd.api.settings import CatalogSettings
     from ckptd.format.errors import ConfigError
 
     # The app factory reads its settings from the environment so that every uvicorn worker builds its
-    # own app: the flags travel there.
-    os.environ[ENV_DATABASE_URL] = _url(args)
-    if args.allow_root:
-        if any("," in r for r in args.allow_root):
-            raise ConfigError("--allow-root: a prefix cannot contain ','")
-        os.environ[ENV_ALLOW_ROOTS] = ",".join(args.allow_root)
-    if args.max_body_bytes is not None:
-        os.environ[ENV_MAX_BODY_BYTES] = str(args.max_body_bytes)
-    if args.allowed_host:
-        os.environ[ENV_ALLOWED_HOSTS] = ",".join(args.allowed_host)
+    # own app: the flags travel there. They are validated first, so that a refused flag leaves this
+    # process's environment as it was (a caller that catches the error keeps running with it).
     try:
-        settings = CatalogSettings()  # what each worker will build: refuse bad values here, in one line
+        exports, fields = _exports(args)
+        settings = CatalogSettings(**fields)  # what each worker will build: refuse bad values in one line
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    os.environ.update(exports)
     print(f"ckptd serve: run roots allowed under {list(settings.allow_roots)}", file=sys.stderr)
     if not os.environ.get("CKPTD_API_TOKEN"):
         print("ckptd serve: CKPTD_API_TOKEN is not set; the catalog is read-only", file=sys.stderr)
@@ -128,6 +116,36 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=30,
     )
     return 0
+
+
+def _exports(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Any]]:
+    """The environment variables ``serve``'s flags set, and the ``CatalogSettings`` fields they give
+    (parsed as the settings parse the environment; fields without a flag keep their defaults)."""
+    from ckptd.api.db import ENV_DATABASE_URL
+    from ckptd.api.settings import (
+        ENV_ALLOW_ROOTS,
+        ENV_ALLOWED_HOSTS,
+        ENV_MAX_BODY_BYTES,
+        parse_allow_roots,
+        parse_allowed_hosts,
+    )
+    from ckptd.format.errors import ConfigError
+
+    url = _url(args)
+    exports: dict[str, str] = {ENV_DATABASE_URL: url}
+    fields: dict[str, Any] = {"database_url": url}
+    if args.allow_root:
+        if any("," in r for r in args.allow_root):
+            raise ConfigError("--allow-root: a prefix cannot contain ','")
+        exports[ENV_ALLOW_ROOTS] = ",".join(args.allow_root)
+        fields["allow_roots"] = parse_allow_roots(exports[ENV_ALLOW_ROOTS])
+    if args.max_body_bytes is not None:
+        exports[ENV_MAX_BODY_BYTES] = str(args.max_body_bytes)
+        fields["max_body_bytes"] = args.max_body_bytes
+    if args.allowed_host:
+        exports[ENV_ALLOWED_HOSTS] = ",".join(args.allowed_host)
+        fields["allowed_hosts"] = parse_allowed_hosts(exports[ENV_ALLOWED_HOSTS])
+    return exports, fields
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
