@@ -21,7 +21,7 @@ import ckptd
 from ckptd.cli.main import main
 from ckptd.converters.dcp_import import import_dcp
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
-from ckptd.format.errors import CheckpointExistsError, IntegrityError, LayoutError
+from ckptd.format.errors import CheckpointExistsError, IntegrityError, LayoutError, StorageError
 from ckptd.format.manifest import ArrayRecord
 
 
@@ -210,6 +210,15 @@ def test_an_existing_step_is_refused_before_importing_and_replaced_with_overwrit
     got: dict[str, Any] = {}
     ckptd.load(got, uri, step=5)
     assert_same(got, source_state())
+
+
+def test_a_destination_that_cannot_be_written_fails_after_staging_and_removes_the_scratch(
+    source: Path, scratch: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "blocker").write_text("a file where the run root's parent should be")
+    with pytest.raises(StorageError, match="Not a directory"):
+        import_dcp(source, str(tmp_path / "blocker" / "run"), step=1, mesh={"dp": 2})
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.distributed
