@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.converters.outputs import attempt_discarded_on_failure
-from ckptd.converters.reshard import _write_arrays
+from ckptd.converters.reshard import write_arrays
 from ckptd.format.errors import CheckpointExistsError, LayoutError, UnsafeNameError
 from ckptd.format.layout import TensorLayout
 from ckptd.format.manifest import Manifest
@@ -99,7 +99,7 @@ def import_dcp_for_mesh(
         # the destination's committed step (with overwrite) goes only once the source has imported
         out_store = dst.prepare(step, overwrite=overwrite)
         with attempt_discarded_on_failure(dst, step):
-            reports, _ = _write_arrays(staged, out_store, mesh, None, chunk_bytes, None, threads)
+            reports, _ = write_arrays(staged, out_store, mesh, None, chunk_bytes, None, threads)
             return dst.commit(step, reports, state=staged.manifest.state, world_size=math.prod(mesh.values()),
                               mesh=mesh, metadata=dict(staged.manifest.metadata))
 

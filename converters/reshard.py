@@ -92,7 +92,7 @@ def reshard(
     out_step = step if dst_step is None else dst_step
     out_store = dst.prepare(out_step, overwrite=overwrite)
     with attempt_discarded_on_failure(dst, out_step):
-        reports, bytes_written = _write_arrays(reader, out_store, mesh, codec, chunk_bytes, progress, threads)
+        reports, bytes_written = write_arrays(reader, out_store, mesh, codec, chunk_bytes, progress, threads)
         meta: dict[str, Any] = dict(reader.manifest.metadata)
         meta["converted_from"] = {
             "uri": src.url,
@@ -107,7 +107,7 @@ def reshard(
                          bytes_written=bytes_written)
 
 
-def _write_arrays(
+def write_arrays(
     reader: CheckpointReader,
     out_store: Store,
     mesh: Mapping[str, int],
