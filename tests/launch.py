@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from tests.zygote import spawn
 
 
 def free_port() -> int:
@@ -29,7 +30,8 @@ def free_port() -> int:
 
 @dataclass
 class Job:
-    procs: list[subprocess.Popen[bytes]]
+    procs: list[Any]
+    """``subprocess.Popen`` or the zygote's look-alike (tests/zygote.py)."""
     logs: list[IO[bytes]]
     outputs: list[str] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)
@@ -74,8 +76,8 @@ def launch(
             args = [a.format(rank=rank, world=world, port=port) for a in cmd]
             log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _read, after the job
             job.logs.append(log)
-            job.procs.append(subprocess.Popen([sys.executable, *args], env={**base, "RANK": str(rank)},
-                                              cwd=cwd, stdout=log, stderr=subprocess.STDOUT))
+            job.procs.append(spawn(args, env={**base, "RANK": str(rank)}, cwd=cwd, stdout=log,
+                                   stderr=subprocess.STDOUT))
         if during is not None:
             during(job)
         _join(job, time.monotonic() + timeout)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import resource
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,23 +17,17 @@ import torch
 
 import ckptd
 from ckptd.cli.main import main
+from tests import zygote
 
 EXE = Path(sys.executable).with_name("ckptd")
 CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "ckptd"]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def _file_size_limit(nbytes: int) -> Callable[[], None]:
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-
-    return limit
-
-
 def ckptd_cli(*args: str | Path, cwd: Path, limit: int | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CMD, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300, preexec_fn=None if limit is None else _file_size_limit(limit))
+    """``python -m ckptd ARGS`` as its own process (a fork of the warm test zygote: torch is not
+    imported again), with file sizes capped at ``limit`` bytes to play a full disk."""
+    return zygote.run(["-m", "ckptd", *map(str, args)], cwd=cwd, env=ENV, timeout=300, fsize=limit)
 
 
 def in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import ckptd
+from tests import zygote
 
 WORKER = Path(__file__).parent / "workers" / "save_loop.py"
 
@@ -22,9 +22,10 @@ WORKER = Path(__file__).parent / "workers" / "save_loop.py"
 def start(run: Path, max_steps: int, every: int, mib: float = 4.0,
           *extra: str) -> subprocess.Popen[str]:
     args = [str(run), str(max_steps), str(every), str(mib), *extra]
-    return subprocess.Popen([sys.executable, "-P", str(WORKER), *args],
-                            cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc: subprocess.Popen[str] = zygote.spawn(["-P", str(WORKER), *args], cwd="/", stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True,
+                                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc  # a fork of the warm test zygote (tests/zygote.py), Popen's interface
 
 
 def read_until(out: IO[str], prefix: str, timeout: float = 60) -> str:

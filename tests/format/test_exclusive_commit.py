@@ -19,6 +19,7 @@ from ckptd.format.errors import CheckpointError, CheckpointExistsError, StorageE
 from ckptd.format.run import Run, step_dir
 from ckptd.format.writer import CheckpointWriter
 from ckptd.storage import open_store
+from tests import zygote
 
 PROC = Path(__file__).parent / "race_save_proc.py"
 
@@ -26,8 +27,8 @@ PROC = Path(__file__).parent / "race_save_proc.py"
 def race(uri: str, trials: int, sync: Path, opts: dict[str, Any] | None) -> list[dict[str, Any]]:
     env = {**os.environ, "CKPTD_TEST_STORAGE_OPTIONS": json.dumps(opts)}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-P", str(PROC), uri, str(me), str(trials), str(sync)],
+        zygote.spawn(
+            ["-P", str(PROC), uri, str(me), str(trials), str(sync)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

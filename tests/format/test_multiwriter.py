@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from ckptd.format import LayoutError, Run, ShardBox, TensorLayout
 from ckptd.format.boxes import split_evenly
 from ckptd.format.writer import report_from_json
 from ckptd.storage import open_store
+from tests import zygote
 
 WORLD = 8
 PROC = Path(__file__).with_name("multiwriter_proc.py")
@@ -130,8 +130,8 @@ def _run_writers(ckpt_uri: str, storage_options: dict[str, Any] | None, cwd: Pat
             "chunk_bytes": 512,
             "arrays": arrays,
         }
-        p = subprocess.Popen(
-            [sys.executable, "-P", str(PROC)],
+        p = zygote.spawn(
+            ["-P", str(PROC)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

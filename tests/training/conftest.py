@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from ckptd.training.trainer import Trainer
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _configs import train_config  # noqa: E402
+
+from tests.zygote import spawn  # noqa: E402
 
 Result = dict[str, Any]
 
@@ -38,32 +42,27 @@ def launch(world: int, jobs: list[dict[str, Any]], out: Path, timeout: float = 3
     # The parent holds the rendezvous store on a kernel-chosen port: no fixed port, no race.
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # Output to files (a chatty rank never blocks on a pipe); ranks are forks of the warm zygote.
+    files = [tempfile.TemporaryFile() for _ in range(world)]  # noqa: SIM115 - closed below
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "_worker.py"),
-                str(r),
-                str(world),
-                str(store.port),
-                json.dumps(jobs),
-                str(out),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        spawn([str(HERE / "_worker.py"), str(r), str(world), str(store.port), json.dumps(jobs), str(out)],
+              env=env, stdout=files[r], stderr=subprocess.STDOUT)
         for r in range(world)
     ]
     logs = []
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
+        for f in files:
+            f.seek(0)
+            logs.append(f.read().decode(errors="replace"))
+            f.close()
     bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
     if bad:
         raise AssertionError(f"ranks failed {bad}:\n" + "\n".join(logs[r][-3000:] for r, _ in bad))
