@@ -10,10 +10,11 @@ readers and collected by ``gc_uncommitted`` once no writer has held them for a w
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ckptd.format.commit import check_tally, commit, new_attempt, publish
@@ -183,6 +184,17 @@ class Run:
         if entry is not None:
             entry[1].__exit__()
 
+    @contextlib.contextmanager
+    def _abandoned_if_lost(self, step: int, lease: Lease | None) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointExistsError:
+            if lease is not None:
+                with self._lock:
+                    self._open.pop(step, None)
+                lease.release()
+            raise
+
     def commit(
         self,
         step: int,
@@ -203,10 +215,13 @@ class Run:
         lease = entry[1] if entry is not None and (attempt is None or attempt == entry[0]) else None
         attempt = attempt or (entry[0] if entry else None)
         # A failure leaves the attempt open (a caller may retry with complete reports); ``abandon``
-        # ends it, and gc collects it once its lease is old.
-        manifest = commit(self.checkpoint_store(step), step=step, reports=reports, state=state,
-                          world_size=world_size, mesh=mesh, metadata=metadata, attempt=attempt,
-                          rank_state=rank_state, lease=lease)
+        # ends it, and gc collects it once its lease is old. Losing the race to another attempt
+        # ends it here: no retry can win it, and a lease refreshed for the life of the process
+        # would keep gc from ever collecting the loser.
+        with self._abandoned_if_lost(step, lease):
+            manifest = commit(self.checkpoint_store(step), step=step, reports=reports, state=state,
+                              world_size=world_size, mesh=mesh, metadata=metadata, attempt=attempt,
+                              rank_state=rank_state, lease=lease)
         if lease is not None:
             with self._lock:
                 self._open.pop(step, None)
@@ -237,9 +252,11 @@ class Run:
         check_tally(arrays, tally)
         totals = Totals(arrays=len(arrays), shards=tally.shards, nbytes=tally.nbytes,
                         stored_bytes=tally.stored_bytes, writers=writers)
-        manifest = publish(self.checkpoint_store(step), step=step, attempt=attempt, arrays=arrays,
-                           state=state, world_size=world_size, mesh=mesh, metadata=metadata,
-                           totals=totals, rank_state=rank_state, lease=lease, documented=arrays.keys())
+        with self._abandoned_if_lost(step, lease):
+            manifest = publish(self.checkpoint_store(step), step=step, attempt=attempt, arrays=arrays,
+                               state=state, world_size=world_size, mesh=mesh, metadata=metadata,
+                               totals=totals, rank_state=rank_state, lease=lease,
+                               documented=arrays.keys())
         with self._lock:
             self._open.pop(step, None)
         lease.release()

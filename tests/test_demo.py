@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+# slow: the whole demo (training, catalog, web page) takes minutes; `make test-slow` runs it.
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-P", "-m", "ckptd.demo"], cwd=tmp_path, capture_output=True, text=True, timeout=600

@@ -31,6 +31,7 @@ def test_ruff_finds_nothing() -> None:
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
 
+@pytest.mark.slow  # a cold mypy --strict of the whole package takes a minute; `make lint` runs it too
 def test_mypy_strict_passes_on_the_whole_package(tmp_path: Path) -> None:
     # Run outside the checkout: ./ckptd would otherwise hide the folders mapped into ckptd.*.
     out = subprocess.run(

@@ -306,7 +306,10 @@ def spawn(
         elif stream == subprocess.PIPE:
             r, w = os.pipe()
             mine, theirs = (w, r) if name == "stdin" else (r, w)
-            pipes[name] = os.fdopen(mine, ("w" if name == "stdin" else "r") + ("" if text else "b"))
+            if name == "stdin":  # unbuffered as Popen's: what the test writes reaches the child now
+                pipes[name] = os.fdopen(mine, "w", buffering=1) if text else os.fdopen(mine, "wb", 0)
+            else:
+                pipes[name] = os.fdopen(mine, "r" if text else "rb")
             fds.append(theirs)
             to_close.append(theirs)
         elif stream is None:

@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import ckptd
 from ckptd.format import Run
 from ckptd.format.run import step_dir
 from ckptd.storage import open_store
+from tests import zygote
 
 PROC = Path(__file__).with_name("crash_save_proc.py")
 STEP_N = 7
@@ -39,12 +39,12 @@ class Tally:
 
 
 def _spawn(uri: str, step: int, seed: int, opts: dict[str, Any] | None, cwd: Path) -> subprocess.Popen[str]:
-    args = [sys.executable, "-P", str(PROC), uri, str(step), str(seed)]
+    args = ["-P", str(PROC), uri, str(step), str(seed)]
     if opts is not None:
         args.append(json.dumps(opts))
-    p = subprocess.Popen(
-        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
-    )
+    # a fork of the warm test zygote (tests/zygote.py): a real process, without torch's import each kill
+    p: subprocess.Popen[str] = zygote.spawn(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, cwd=cwd)
     return p
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ def test_a_second_commit_of_a_step_raises_exists_and_keeps_the_first(tmp_path: P
         else:
             with pytest.raises(CheckpointExistsError):
                 second.commit(1, [w.finish()], state={"x": {"$ckptd": "tensor", "path": "x"}})
+            # the loser stops refreshing its lease (else gc could never collect it)
+            assert not [t for t in threading.enumerate() if t.name == "ckptd-lease" and t.is_alive()]
     state: dict[str, Any] = {"x": torch.empty(10)}
     ckptd.load(state, str(tmp_path), step=1)
     assert torch.equal(state["x"], torch.full((10,), 1.0))

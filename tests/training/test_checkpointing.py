@@ -221,6 +221,8 @@ def close(got: dict[int, float], want: dict[int, float]) -> None:
         assert abs(loss - want[step]) <= 1e-5 * abs(want[step]), (step, loss, want[step])
 
 
+# slow: six trainer launches (two of 8 processes); the gloo reshard paths are in test_reshard.py
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["dp4-tp1-pp2", "dp1"])
 def test_dp2_tp2_pp2_checkpoint_continues_in_another_layout(
     other_layouts: dict[str, Any], target: str
@@ -237,6 +239,7 @@ def test_dp2_tp2_pp2_checkpoint_continues_in_another_layout(
         assert diff <= 1e-5, (path, diff)
 
 
+@pytest.mark.slow
 def test_zero1_checkpoint_continues_at_zero3(other_layouts: dict[str, Any]) -> None:
     assert sorted(other_layouts["zero1"]) == [1, 2, 3]
     close(other_layouts["zero3"], other_layouts["reference"])
