@@ -1,0 +1,127 @@
+"""Edges of ``LocalStore`` a user meets: which keys are refused and with what words, the streaming
+writer, file permissions, the eager-fsync threshold, many writers creating one new directory at
+once, and a shard that vanishes before the commit."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ckptd.format.errors import StorageError
+from ckptd.storage import LocalStore
+from ckptd.storage.local import EAGER_FSYNC_BYTES
+
+
+@pytest.fixture()
+def synced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """Paths fsync'd (files and directories), in order; the real calls are made."""
+    seen: list[Path] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def record(fd: int, real=real) -> None:  # type: ignore[no-untyped-def]
+            seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        monkeypatch.setattr(os, name, record)
+    yield seen
+
+
+@pytest.mark.parametrize("key", ["a\\b", "step_1\\..\\..\\x", "/etc/passwd", "a/../../b", "./a"])
+def test_keys_that_could_leave_the_root_are_refused_with_the_whole_message(tmp_path: Path, key: str) -> None:
+    store = LocalStore(tmp_path / "root")
+    with pytest.raises(StorageError) as err:
+        store.write(key, [b"x"])
+    want = f"refusing key {key!r}: it would leave the store root {tmp_path / 'root'}"
+    assert str(err.value) == want
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("*"))
+
+
+def test_a_symlink_below_the_root_is_named_in_the_whole_message(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "step_1").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(StorageError) as err:
+        LocalStore(root).read("step_1/a/manifest.json")
+    assert str(err.value) == (f"refusing {root}/step_1/a/manifest.json: {root}/step_1 is a symbolic link "
+                              f"(ckptd never follows links inside a run root)")
+
+
+def test_writing_the_root_itself_names_it_as_slash(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root")
+    store.write("x", [b"1"])
+    with pytest.raises(StorageError) as err:
+        store.write("", [b"1"])
+    assert re.fullmatch(rf"writing / on {re.escape(store.url)} failed: .*", str(err.value))
+
+
+def test_streamed_objects_read_back_and_a_stream_under_a_file_is_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root")
+    stream = store.open_write("step_1/a/c.0")
+    assert stream.write(b"abc") == 3
+    stream.write(memoryview(b"defg"))
+    stream.close()
+    assert store.read("step_1/a/c.0") == b"abcdefg"
+    with pytest.raises(StorageError) as err:
+        store.open_write("step_1/a/c.0/inner")
+    assert re.fullmatch(rf"opening for writing step_1/a/c.0/inner on {re.escape(store.url)} failed: .*",
+                        str(err.value))
+    assert err.value.key == "step_1/a/c.0/inner"
+
+
+def test_objects_are_created_rw_r_r_under_a_zero_umask(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    old = os.umask(0)
+    try:
+        store.write("a/c.0", [b"x"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a/c.0").stat().st_mode) == 0o644
+
+
+def test_a_write_of_exactly_the_eager_threshold_is_synced_at_once(tmp_path: Path, synced: list[Path]) -> None:
+    store = LocalStore(tmp_path)
+    store.write("small", [b"\0" * (EAGER_FSYNC_BYTES - 1)])
+    assert synced == []  # waits for flush
+    store.write("big", [b"\0" * (EAGER_FSYNC_BYTES // 2), b"\1" * (EAGER_FSYNC_BYTES // 2)])
+    assert synced == [tmp_path / "big"]
+    assert EAGER_FSYNC_BYTES == 1 << 20  # the documented threshold: 1 MiB
+
+
+def test_many_writers_creating_one_new_directory_at_once_all_succeed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    for round_ in range(20):
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def write(i: int, round_: int = round_, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                store.write(f"r{round_}/a/b/c.{i}", [bytes([i])])
+            except BaseException as e:  # collected: the test thread asserts
+                errors.append(e)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(p.name for p in (tmp_path / f"r{round_}/a/b").iterdir()) == [f"c.{i}" for i in range(8)]
+
+
+def test_a_shard_vanishing_before_the_commit_fails_the_publish_with_a_storage_error(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.write("a/c.0", [b"x"])
+    (tmp_path / "a/c.0").unlink()  # e.g. a gc of another process
+    with pytest.raises(StorageError) as err:
+        store.write_exclusive("a/manifest.json", b"{}")
+    assert re.fullmatch(rf"publishing a/manifest.json on {re.escape(store.url)} failed: .*", str(err.value))
+    assert not (tmp_path / "a/manifest.json").exists()
