@@ -27,14 +27,16 @@ def _full() -> torch.Tensor:
     return torch.arange(48, dtype=torch.float32).reshape(8, 6)
 
 
-def _write_rows(run: Run, step: int, ranks: list[int], *, dtype: torch.dtype = torch.float32) -> list[WriterReport]:
+def _write_rows(run: Run, step: int, ranks: list[int], *,
+                dtype: torch.dtype = torch.float32) -> list[WriterReport]:
     """Writers ``ranks`` of a 2-writer row split of ``x`` (8x6, 48-byte chunks: several shards each)."""
     store = run.prepare(step)
     reports = []
     for rank in ranks:
         w = CheckpointWriter(store, rank=rank, chunk_bytes=48, threads=1)
         box = ROWS[rank]
-        w.add("x", _full()[box.slices()].to(dtype if rank else torch.float32), shape=(8, 6), box=box, boxes=ROWS)
+        piece = _full()[box.slices()].to(dtype if rank else torch.float32)
+        w.add("x", piece, shape=(8, 6), box=box, boxes=ROWS)
         reports.append(w.finish())
     return reports
 
@@ -153,11 +155,12 @@ def test_a_planned_commit_refuses_a_tally_that_does_not_match_the_plan(tmp_path:
     with pytest.raises(LayoutError) as err:
         run.commit_planned(1, arrays=arrays, tally=short, writers=1, state=skeleton, world_size=2)
     want = sum(r.tally.shards for r in reports)
-    assert str(err.value) == (f"the writers wrote {short.shards} shard objects but the storage plan has {want}: "
-                              "a writer is missing from the commit, or ranks disagree about the layout")
+    assert str(err.value) == (f"the writers wrote {short.shards} shard objects but the storage plan "
+                              f"has {want}: a writer is missing from the commit, or ranks disagree about the layout")
     doubled = reports[0].tally + reports[0].tally
     assert doubled.shards == want  # the same count, the wrong shards
-    with pytest.raises(LayoutError, match=rf"plan has {want} \(a shard was written twice or at the wrong place\): "):
+    twice = rf"plan has {want} \(a shard was written twice or at the wrong place\): "
+    with pytest.raises(LayoutError, match=twice):
         run.commit_planned(1, arrays=arrays, tally=doubled, writers=2, state=skeleton, world_size=2)
     total = sum((r.tally for r in reports), Tally())
     m = run.commit_planned(1, arrays=arrays, tally=total, writers=2, state=skeleton, world_size=2)
