@@ -156,7 +156,8 @@ def test_a_planned_commit_refuses_a_tally_that_does_not_match_the_plan(tmp_path:
         run.commit_planned(1, arrays=arrays, tally=short, writers=1, state=skeleton, world_size=2)
     want = sum(r.tally.shards for r in reports)
     assert str(err.value) == (f"the writers wrote {short.shards} shard objects but the storage plan "
-                              f"has {want}: a writer is missing from the commit, or ranks disagree about the layout")
+                              f"has {want}: a writer is missing from the commit, "
+                              "or ranks disagree about the layout")
     doubled = reports[0].tally + reports[0].tally
     assert doubled.shards == want  # the same count, the wrong shards
     twice = rf"plan has {want} \(a shard was written twice or at the wrong place\): "
