@@ -4,6 +4,7 @@ once, and a shard that vanishes before the commit."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.format.errors import StorageError
+from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.storage import LocalStore
 from ckptd.storage.local import EAGER_FSYNC_BYTES
 
@@ -125,3 +126,67 @@ def test_a_shard_vanishing_before_the_commit_fails_the_publish_with_a_storage_er
         store.write_exclusive("a/manifest.json", b"{}")
     assert re.fullmatch(rf"publishing a/manifest.json on {re.escape(store.url)} failed: .*", str(err.value))
     assert not (tmp_path / "a/manifest.json").exists()
+
+
+def test_a_second_exclusive_publish_is_refused_with_the_whole_message(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.write_exclusive("step_1/manifest.json", b"first")
+    with pytest.raises(CheckpointExistsError) as err:
+        store.write_exclusive("step_1/manifest.json", b"second")
+    path = tmp_path / "step_1/manifest.json"
+    assert str(err.value) == f"{path} already exists: another writer committed first"
+    assert path.read_bytes() == b"first"
+    assert store.list_dir("step_1") == ["manifest.json"]  # no temporary name is left
+
+
+def test_a_stream_onto_a_full_device_fails_with_a_storage_error_naming_the_write(tmp_path: Path) -> None:
+    """Disk full while streaming (a ``/dev/full`` node stands in for the full disk)."""
+    store = LocalStore(tmp_path)
+    for key, size in (("big", 1 << 20), ("small", 10)):
+        try:
+            os.mknod(tmp_path / key, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+        except PermissionError:
+            pytest.skip("creating a device node needs CAP_MKNOD")
+        stream = store.open_write(key)
+        with pytest.raises(StorageError) as err:
+            stream.write(b"x" * size)  # a big write goes straight to the device
+            stream.close()  # a small one fails when flushed
+        assert re.fullmatch(rf"writing {key} on {re.escape(store.url)} failed: .*", str(err.value))
+        assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+        assert not (tmp_path / key).exists()  # the failed stream removed what it had created
+
+
+def test_ranges_and_tails_are_clamped_to_the_object(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.write("c.0", [b"0123456789"])
+    assert store.read_ranges("c.0", [(0, 4), (4, 4), (8, 100), (12, 20)]) == [b"0123", b"", b"89", b""]
+    assert store.read_tail("c.0", 3) == b"789"
+    assert store.read_tail("c.0", 10) == b"0123456789"
+    assert store.read_tail("c.0", 100) == b"0123456789"  # a tail longer than the object: all of it
+    assert store.read_tail("c.0", 0) == b""
+
+
+def test_hidden_entries_are_not_listed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.write("d/b", [b"1"])
+    store.write("d/a", [b"1"])
+    (tmp_path / "d/.manifest.json.0123.tmp").write_bytes(b"partial")
+    assert store.list_dir("d") == ["a", "b"]
+
+
+def test_deleting_the_whole_root_is_refused_and_fsync_false_syncs_no_delete(
+    tmp_path: Path, synced: list[Path]
+) -> None:
+    store = LocalStore(tmp_path / "root", fsync=False)
+    store.write("step_1/c.0", [b"1"])
+    with pytest.raises(StorageError) as err:
+        store.delete_prefix("")
+    assert str(err.value) == "refusing to delete a whole store root"
+    store.delete_prefix("step_1")
+    assert not (tmp_path / "root/step_1").exists() and synced == []
+    durable = LocalStore(tmp_path / "root")
+    durable.write("step_2/c.0", [b"1"])
+    durable.flush()
+    synced.clear()
+    durable.delete_prefix("step_2")
+    assert synced == [tmp_path / "root"]  # the removal itself is made durable
