@@ -167,3 +167,34 @@ def test_a_planned_commit_refuses_a_tally_that_does_not_match_the_plan(tmp_path:
     m = run.commit_planned(1, arrays=arrays, tally=total, writers=2, state=skeleton, world_size=2)
     assert m.totals is not None and (m.totals.shards, m.totals.writers) == (want, 2)
     assert torch.equal(run.reader(1).read("x"), _full())
+
+
+def test_writers_planning_one_part_differently_are_refused(tmp_path: Path) -> None:
+    run = Run(LocalStore(tmp_path))
+    store = run.prepare(1)
+    reports = []
+    for rank, chunk_bytes in ((0, 48), (1, 96)):  # different chunk sizes: different storage plans
+        w = CheckpointWriter(store, rank=rank, chunk_bytes=chunk_bytes, threads=1)
+        w.add("x", _full()[ROWS[rank].slices()], shape=(8, 6), box=ROWS[rank], boxes=ROWS)
+        reports.append(w.finish())
+    skeleton, _ = flatten({"x": _full()})
+    with pytest.raises(LayoutError, match=r"^x: writers planned part 0 differently$"):
+        run.commit(1, reports, state=skeleton)
+
+
+def test_a_piece_reported_twice_is_refused(tmp_path: Path) -> None:
+    run = Run(LocalStore(tmp_path))
+    store = run.prepare(1)
+    # cells of one element would be needed (gcd of the edges is 1): stored as pieces
+    boxes = [ShardBox((0,), (1000,)), ShardBox((1000,), (1,)), ShardBox((1001,), (999,))]
+    full = torch.arange(2000, dtype=torch.int32)
+    reports = []
+    for rank, box in enumerate(boxes):
+        w = CheckpointWriter(store, rank=rank, threads=1)
+        w.add("p", full[box.slices()], shape=(2000,), box=box, boxes=boxes)
+        reports.append(w.finish())
+    skeleton, _ = flatten({"p": full})
+    with pytest.raises(LayoutError, match=r"^p: piece 1 has 2 shards, expected 1$"):
+        run.commit(1, [*reports, reports[1]], state=skeleton)
+    run.commit(1, reports, state=skeleton)
+    assert torch.equal(run.reader(1).read("p"), full)
