@@ -16,7 +16,6 @@ import pytest
 
 from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.storage import LocalStore
-from ckptd.storage.local import EAGER_FSYNC_BYTES
 
 
 @pytest.fixture()
@@ -87,13 +86,16 @@ def test_objects_are_created_rw_r_r_under_a_zero_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "a/c.0").stat().st_mode) == 0o644
 
 
-def test_a_write_of_exactly_the_eager_threshold_is_synced_at_once(tmp_path: Path, synced: list[Path]) -> None:
+def test_a_write_of_one_mib_is_synced_at_once_and_a_smaller_one_at_flush(
+    tmp_path: Path, synced: list[Path]
+) -> None:
     store = LocalStore(tmp_path)
-    store.write("small", [b"\0" * (EAGER_FSYNC_BYTES - 1)])
+    store.write("small", [b"\0" * ((1 << 20) - 1)])
     assert synced == []  # waits for flush
-    store.write("big", [b"\0" * (EAGER_FSYNC_BYTES // 2), b"\1" * (EAGER_FSYNC_BYTES // 2)])
+    store.write("big", [b"\0" * (1 << 19), b"\1" * (1 << 19)])  # 1 MiB in two buffers
     assert synced == [tmp_path / "big"]
-    assert EAGER_FSYNC_BYTES == 1 << 20  # the documented threshold: 1 MiB
+    store.flush()
+    assert synced[:2] == [tmp_path / "big", tmp_path / "small"]
 
 
 def test_many_writers_creating_one_new_directory_at_once_all_succeed(tmp_path: Path) -> None:
