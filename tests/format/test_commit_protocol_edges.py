@@ -198,3 +198,15 @@ def test_a_piece_reported_twice_is_refused(tmp_path: Path) -> None:
         run.commit(1, [*reports, reports[1]], state=skeleton)
     run.commit(1, reports, state=skeleton)
     assert torch.equal(run.reader(1).read("p"), full)
+
+
+def test_a_state_tree_of_a_hundred_kilobytes_commits_and_reads_back(tmp_path: Path) -> None:
+    """Far below the 128 MiB limit of the state tree: it must never be refused."""
+    run = Run(LocalStore(tmp_path))
+    history = [{"step": i, "loss": i / 7} for i in range(3000)]
+    skeleton, tensors = flatten({"x": _full(), "history": history})
+    store = run.prepare(1)
+    w = CheckpointWriter(store, threads=1)
+    w.add("x", tensors["x"])
+    run.commit(1, [w.finish()], state=skeleton)
+    assert run.manifest(1).state["history"] == history
