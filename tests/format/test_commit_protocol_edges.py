@@ -13,7 +13,7 @@ import torch
 
 from ckptd.format.boxes import ShardBox
 from ckptd.format.commit import commit
-from ckptd.format.errors import CheckpointExistsError, LayoutError
+from ckptd.format.errors import CheckpointExistsError, LayoutError, MetadataError
 from ckptd.format.run import Run
 from ckptd.format.tally import Tally
 from ckptd.format.tree import flatten
@@ -208,5 +208,26 @@ def test_a_state_tree_of_a_hundred_kilobytes_commits_and_reads_back(tmp_path: Pa
     store = run.prepare(1)
     w = CheckpointWriter(store, threads=1)
     w.add("x", tensors["x"])
-    run.commit(1, [w.finish()], state=skeleton)
-    assert run.manifest(1).state["history"] == history
+    tags = {f"tag{i}": "v" * 20 for i in range(400)}  # 12 KB of metadata, below its 256 KiB limit
+    run.commit(1, [w.finish()], state=skeleton, metadata=tags)
+    m = run.manifest(1)
+    assert m.state["history"] == history and dict(m.metadata) == tags
+    assert "x" in m.arrays and "y" not in m.arrays and 1 not in m.arrays
+
+
+def test_an_open_attempt_holds_its_lease_where_the_spec_says(tmp_path: Path) -> None:
+    run = Run(LocalStore(tmp_path))
+    run.prepare(5)
+    attempt = run.open_attempt(5)
+    assert attempt is not None and (tmp_path / f"step_0000000005/{attempt}.meta/lease").is_file()
+    run.abandon(5)
+
+
+def test_a_malformed_attempt_name_is_refused_with_the_whole_message(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path).child("step_0000000001")
+    skeleton, _ = flatten({"x": _full()})
+    w = CheckpointWriter(store.child("a-0123456789abcdef"), threads=1)
+    w.add("x", _full())
+    with pytest.raises(MetadataError) as err:
+        commit(store, step=1, reports=[w.finish()], state=skeleton, attempt="a-XYZ")
+    assert str(err.value) == "attempt 'a-XYZ' is not a-<16 hex digits>"
