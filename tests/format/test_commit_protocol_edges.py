@@ -5,6 +5,7 @@ exactly once. Small states, one process: fast enough for the per-mutant run (doc
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from pathlib import Path
 
@@ -231,3 +232,16 @@ def test_a_malformed_attempt_name_is_refused_with_the_whole_message(tmp_path: Pa
     with pytest.raises(MetadataError) as err:
         commit(store, step=1, reports=[w.finish()], state=skeleton, attempt="a-XYZ")
     assert str(err.value) == "attempt 'a-XYZ' is not a-<16 hex digits>"
+
+
+def test_the_metadata_documents_name_their_format_as_the_spec_says(tmp_path: Path) -> None:
+    """SPEC §8: other implementations tell the documents apart by their ``format`` field."""
+    run = Run(LocalStore(tmp_path))
+    skeleton, _ = flatten({"x": _full()})
+    m = run.commit(1, _write_rows(run, 1, [0, 1]), state=skeleton)
+    meta = tmp_path / f"step_0000000001/{m.attempt}.meta"
+    page = json.loads((meta / "tables/t-00000.json").read_bytes())
+    state = json.loads((meta / "state.json").read_bytes())
+    assert (page["format"], page["attempt"], page["page"], sorted(page["arrays"])) == (
+        "ckptd-arrays", m.attempt, 0, ["x"])
+    assert (state["format"], state["attempt"], state["state"]) == ("ckptd-state", m.attempt, skeleton)
