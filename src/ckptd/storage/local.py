@@ -299,5 +299,8 @@ class _LocalStream:
             raise
 
     def abort(self) -> None:
-        self._f.close()
+        # Closing flushes what is still buffered: on a full disk that fails again, and the caller
+        # must see the StorageError it is already handling, not this second OSError.
+        with contextlib.suppress(OSError):
+            self._f.close()
         self._path.unlink(missing_ok=True)
