@@ -18,8 +18,11 @@ import struct
 import sys
 from pathlib import Path
 
-PRELOAD = ("pytest", "ckptd", "ckptd.converters", "ckptd.cli.main", "ckptd.storage", "hypothesis",
-           "pytest_timeout", "anyio.pytest_plugin", "_hypothesis_pytestplugin", "schemathesis.pytest.plugin")
+# torch.distributed.tensor too: its first import inside a confined test (file-access audit) would
+# be reported as reads outside the case directory.
+PRELOAD = ("pytest", "ckptd", "ckptd.converters", "ckptd.cli.main", "ckptd.storage",
+           "torch.distributed.tensor", "hypothesis", "pytest_timeout", "anyio.pytest_plugin",
+           "_hypothesis_pytestplugin", "schemathesis.pytest.plugin")
 
 
 def _run_child(conn: socket.socket, args: list[str], fresh: list[str]) -> None:
