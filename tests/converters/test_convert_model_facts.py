@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from ckptd.converters.model_facts import recorded_facts
 from ckptd.format.run import Run
 from ckptd.storage import LocalStore
 from ckptd.training.config import MODEL_FACTS_KEY
+from tests import zygote
 
 FACTS = {"vocab_size": 101, "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}
 
@@ -37,12 +36,12 @@ def cli(*args: str) -> tuple[int, str, str]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint of the bundled trainer (one process): 2 layers, 4 heads over 2 kv heads."""
     root = tmp_path_factory.mktemp("trained") / "run"
-    cmd = [sys.executable, "-P", "-m", "ckptd.training.trainer", "--ckpt", str(root), "--steps", "2",
+    cmd = ["-P", "-m", "ckptd.training.trainer", "--ckpt", str(root), "--steps", "2",
            "--every", "2", "--layers", "2", "--width", "32", "--heads", "4", "--kv-heads", "2",
            "--ffn", "128", "--vocab", "101", "--seq-len", "16", "--global-batch", "4", "--micro-batch", "2",
            "--dtype", "fp32"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(cmd, cwd=root.parent, env=env, capture_output=True, text=True, timeout=300)
+    done = zygote.run(cmd, cwd=root.parent, env=env, timeout=300)  # a fork of the warm test zygote
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return root
 
