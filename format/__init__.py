@@ -9,8 +9,6 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every CLI start pays for it)
 if TYPE_CHECKING:  # what type checkers see; at runtime __getattr__ loads these on demand
-    from typing import Any
-
     from ckptd.format.boxes import ShardBox
     from ckptd.format.codecs import CodecSpec
     from ckptd.format.dtypes import LogicalDType, logical_dtype
@@ -99,16 +97,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    origin = _ORIGIN.get(name)
-    if origin is None:
-        raise AttributeError(f"module 'ckptd.format' has no attribute {name!r}")
-    import importlib
+from ckptd.format.lazy import lazy_attributes  # noqa: E402 - after the names it serves
 
-    value = getattr(importlib.import_module(origin), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _ORIGIN, globals())

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (every CLI start pays for it)
 if TYPE_CHECKING:  # what type checkers and IDEs see; at runtime __getattr__ loads these on demand
-    from typing import Any
-
     from ckptd.checkpoint_io import load, open_run, save
     from ckptd.engine import (
         CatalogConfig,
@@ -100,16 +98,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    origin = _ORIGIN.get(name)
-    if origin is None:
-        raise AttributeError(f"module 'ckptd' has no attribute {name!r}")
-    import importlib
+from ckptd.format.lazy import lazy_attributes  # noqa: E402 - after the names it serves
 
-    value = getattr(importlib.import_module(origin), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _ORIGIN, globals())

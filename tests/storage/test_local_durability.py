@@ -9,29 +9,12 @@ in milliseconds, so the fast mutation run catches a store that stops syncing.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ckptd.storage import LocalStore
 from ckptd.storage.local import EAGER_FSYNC_BYTES
-
-
-@pytest.fixture()
-def synced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
-    """Paths fsync'd (files and directories), in order; the real calls are made."""
-    seen: list[Path] = []
-    for name in ("fsync", "fdatasync"):
-        real = getattr(os, name)
-
-        def record(fd: int, real=real) -> None:  # type: ignore[no-untyped-def]
-            seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-            real(fd)
-
-        monkeypatch.setattr(os, name, record)
-    yield seen
 
 
 def test_flush_syncs_every_written_file_and_every_new_directory(tmp_path: Path, synced: list[Path]) -> None:
