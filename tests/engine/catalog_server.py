@@ -4,19 +4,17 @@ does), or ``ckptd serve`` in a subprocess that a test can SIGKILL."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
+
+from tests.api.server_process import ServerProcess
 
 TOKEN = "engine-test-token-" + "y" * 16
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,51 +36,16 @@ def thread_server(database_url: str) -> Iterator[str]:
         stop()
 
 
-class ServeProcess:
-    """``python -m ckptd serve --db URL --port 0`` (the real command); the port is read from its log."""
+class ServeProcess(ServerProcess):
+    """``python -m ckptd serve --db URL --port 0`` (the real command) with this module's token; the
+    port is read from its log."""
 
     def __init__(self, database_url: str, timeout: float = 60.0) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ckptd",
-                "serve",
-                "--db",
-                database_url,
-                "--port",
-                "0",
-                "--log-level",
-                "info",
-            ],
-            cwd="/",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={
-                **os.environ,
-                "CKPTD_API_TOKEN": TOKEN,
-                "OMP_NUM_THREADS": "1",
-                "CKPTD_ALLOW_ROOTS": tempfile.gettempdir(),  # where the tests' run roots live
-            },
+        super().__init__(
+            ["-m", "ckptd", "serve", "--db", database_url, "--port", "0", "--log-level", "info"],
+            env={"CKPTD_API_TOKEN": TOKEN, "CKPTD_ALLOW_ROOTS": tempfile.gettempdir()},  # the run roots
+            timeout=timeout,
         )
-        self.lines: list[str] = []
-        found = threading.Event()
-        self.url = ""
-
-        def read() -> None:  # keeps draining the pipe for the life of the process
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.url = m.group(1)
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout):
-            self.kill()
-            raise RuntimeError("ckptd serve did not start:\n" + "".join(self.lines[-30:]))
 
     def kill(self) -> None:
         """SIGKILL: no shutdown handler runs, connections just break."""
