@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from ckptd.cli.main import main
 from ckptd.converters.dcp_import import import_dcp
 from ckptd.converters.dcp_metadata import read_metadata
 from ckptd.format.errors import MetadataError
+from tests.converters.dcp_helpers import _single_process_dcp, assert_same  # noqa: F401 - autouse
 
 
 def source_state() -> dict[str, Any]:
@@ -49,27 +48,6 @@ def zeros_like_state() -> dict[str, Any]:
     return dict(zero(source_state()))
 
 
-def assert_same(got: Any, want: Any) -> None:
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
-    elif isinstance(want, dict):
-        assert sorted(got) == sorted(want)
-        for k in want:
-            assert_same(got[k], want[k])
-    elif isinstance(want, list | tuple):
-        assert len(got) == len(want)
-        for a, b in zip(got, want, strict=True):
-            assert_same(a, b)
-    else:
-        assert got == want
-
-
-@pytest.fixture(autouse=True)
-def _single_process_dcp() -> Iterator[None]:
-    # dcp.save/load without a process group warn that they assume one process; that is the point here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        yield
 
 
 def test_export_loads_with_dcp_load(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from ckptd.converters.dcp_import import import_dcp
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.errors import CheckpointExistsError, IntegrityError, LayoutError, StorageError
 from ckptd.format.manifest import ArrayRecord
+from tests.converters.dcp_helpers import _single_process_dcp, assert_same  # noqa: F401 - autouse
 
 
 def source_state() -> dict[str, Any]:
@@ -59,23 +58,6 @@ def rows(*blocks: tuple[int, int], width: int | None = None) -> list[ShardBox]:
     return [ShardBox((a, 0), (b - a, width)) for a, b in blocks]
 
 
-def assert_same(got: Any, want: Any) -> None:
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
-    elif isinstance(want, dict):
-        assert sorted(got) == sorted(want)
-        for k in want:
-            assert_same(got[k], want[k])
-    else:
-        assert got == want
-
-
-@pytest.fixture(autouse=True)
-def _single_process_dcp() -> Iterator[None]:
-    # dcp.save without a process group warns that it assumes one process; that is the point here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        yield
 
 
 @pytest.fixture
