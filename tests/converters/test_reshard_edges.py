@@ -135,6 +135,7 @@ def test_a_requested_codec_is_used_for_every_array(tmp_path: Path) -> None:
     zstd = CodecSpec("zstd", level=3)
     m = reshard(src, Run(LocalStore(tmp_path / "dst")), mesh={"tp": 2}, codec=zstd).manifest
     assert m.arrays["model/w"].codec == zstd and m.arrays["model/row"].codec == zstd
+    assert m.arrays["model/count"].codec == CodecSpec()  # a scalar is stored raw, whatever was asked
     assert torch.equal(_loaded(tmp_path / "dst", 5)["w"], _expected(5)["w"])
 
 
