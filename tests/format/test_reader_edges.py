@@ -124,7 +124,8 @@ def test_destinations_of_another_dtype_or_layout_receive_the_values(cube: Path) 
     assert reader.read("cube", out=transposed) is transposed
     assert torch.equal(transposed, CUBE)
     contiguous = torch.zeros(2, 3)
-    assert reader.read("w", out=contiguous) is contiguous and torch.equal(contiguous, torch.arange(6.0).reshape(2, 3))
+    assert reader.read("w", out=contiguous) is contiguous
+    assert torch.equal(contiguous, torch.arange(6.0).reshape(2, 3))
     state: dict[str, Any] = {"s": torch.zeros((), dtype=torch.int64), "w": torch.zeros(2, 3)}
     reader.restore(state)
     assert int(state["s"]) == -7 and torch.equal(state["w"], torch.arange(6.0).reshape(2, 3))
@@ -168,7 +169,8 @@ def test_a_damaged_shard_is_an_integrity_error_on_both_read_paths(cube: Path) ->
     good = obj.read_bytes()
     small = ShardBox((0, 0, 0), (1, 1, 8))
     obj.write_bytes(good[:100])  # shorter than its index
-    with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: 100 bytes, smaller than its index$"):
+    with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: 100 bytes, smaller than "
+                                             r"its index$"):
         reader.read("cube")
     with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: the shard is truncated "
                                              r"\(its index is incomplete\)$"):
@@ -192,7 +194,8 @@ def _rewrite_index(obj: Path, entry: int, offset: int, nbytes: int) -> None:
     data = bytearray(obj.read_bytes())
     nchunks = 16
     start = len(data) - (nchunks * 16 + 4)
-    data[start + entry * 16 : start + entry * 16 + 16] = offset.to_bytes(8, "little") + nbytes.to_bytes(8, "little")
+    at = start + entry * 16
+    data[at : at + 16] = offset.to_bytes(8, "little") + nbytes.to_bytes(8, "little")
     data[-4:] = crc32c(bytes(data[start:-4])).to_bytes(4, "little")
     obj.write_bytes(bytes(data))
 
@@ -201,14 +204,14 @@ def test_an_index_that_lies_is_an_integrity_error(cube: Path) -> None:
     obj = _object(cube, "cube", "c.0.0.0")
     good = obj.read_bytes()
     _rewrite_index(obj, 4, 2**64 - 1, 2**64 - 1)  # chunk (1, 0) marked absent
-    with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: chunk \[1, 0, 0\] is missing from "
-                                             r"the shard index$"):
+    with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: chunk \[1, 0, 0\] is missing "
+                                             r"from the shard index$"):
         Run(LocalStore(cube)).reader(1).read("cube", ShardBox((1, 0, 0), (1, 1, 8)))
     obj.write_bytes(good)
     data_end = len(good) - (16 * 16 + 4)
     _rewrite_index(obj, 15, data_end - 40, 4000)  # the last chunk runs past the end of the object
-    with pytest.raises(IntegrityError, match=r"^shard cube/c\.0\.0\.0 is truncated \(wanted bytes \d+\.\.\d+, "
-                                             r"got \d+\)$"):
+    with pytest.raises(IntegrityError, match=r"^shard cube/c\.0\.0\.0 is truncated \(wanted bytes "
+                                             r"\d+\.\.\d+, got \d+\)$"):
         Run(LocalStore(cube)).reader(1).read("cube", ShardBox((3, 3, 0), (1, 1, 8)))
 
 
@@ -226,7 +229,8 @@ def test_pieces_and_both_format_versions_read_every_box(tmp_path: Path, version:
         assert _bits(reader.read(path)) == _bits(want), path
     p = exp["p"]
     for start, n in [(0, 3), (1, 5), (700, 800), (1499, 1)]:  # across and inside the two pieces
-        assert _bits(reader.read("p", ShardBox((start, 0), (n, 1)))) == _bits(p[start : start + n]), (start, n)
+        got = reader.read("p", ShardBox((start, 0), (n, 1)))
+        assert _bits(got) == _bits(p[start : start + n]), (start, n)
     for box in [ShardBox((5, 2), (2, 3)), ShardBox((0, 0), (1, 10)), ShardBox((11, 9), (1, 1))]:
         assert _bits(reader.read("w", box)) == _bits(exp["w"][box.slices()]), box
 
