@@ -245,15 +245,42 @@ def test_a_v1_shard_whose_index_disagrees_with_its_record_is_an_integrity_error(
         Run(LocalStore(tmp_path / "run")).reader(STEP).read("w", ShardBox((0, 0), (1, 1)))
 
 
-def test_chunks_more_than_a_mebibyte_apart_are_fetched_as_separate_ranges(tmp_path: Path) -> None:
-    n = 2**18 + 2  # chunks of 1 MiB + 8 bytes: the smallest gap worth not merging
+@pytest.mark.parametrize(("n", "nranges"), [(2**18 - 1, 1), (2**18 + 2, 2)])
+def test_chunks_more_than_a_mebibyte_apart_are_fetched_as_separate_ranges(
+    tmp_path: Path, n: int, nranges: int
+) -> None:
+    # n floats and a 4-byte crc32c a chunk: a gap of exactly 1 MiB is merged, 1 MiB + 12 bytes is not
     far = torch.arange(3 * 2 * n, dtype=torch.float32).reshape(3, 2, n)
     run = Run(LocalStore(tmp_path / "run", fsync=False))  # durability is not what is tested: fast
     w = CheckpointWriter(run.prepare(1), rank=0, chunk_bytes=4 * n)
     w.add("far", far)
     run.commit(1, [w.finish()], state={"far": {"$ckptd": "tensor", "path": "far"}})
     reader, store = _counting_reader(tmp_path / "run")
-    # chunks (0, 0) and (1, 0): one chunk lies between them, more than the 1 MiB worth merging
+    # chunks (0, 0) and (1, 0), with chunk (0, 1) between them
     assert torch.equal(reader.read("far", ShardBox((0, 0, 5), (2, 1, 3))), far[0:2, 0:1, 5:8])
     (ranges,) = [c[2] for c in store.calls if c[0] == "ranges"]
-    assert len(ranges) == 2 and 2**20 < ranges[1][0] - ranges[0][1] <= 2**21
+    assert len(ranges) == nranges
+    if nranges == 2:
+        assert ranges[1][0] - ranges[0][1] == 4 * n + 4
+    else:
+        assert ranges[0][1] - ranges[0][0] == 3 * (4 * n + 4)
+
+
+def test_a_shard_of_exactly_the_largest_size_is_read_one_byte_more_is_refused(cube: Path) -> None:
+    obj = _object(cube, "cube", "c.0.0.0")
+    good = obj.read_bytes()
+    index = good[-(16 * 16 + 4):]
+    obj.write_bytes(good + bytes(64 * 1024))
+    with pytest.raises(IntegrityError, match=r"more than (\d+) bytes") as refused:
+        Run(LocalStore(cube)).reader(1).read("cube")
+    limit = int(refused.value.args[0].split("more than ")[1].split(" ")[0])
+    # padding between the data and the index: every chunk is where the index says, the size is the limit
+    obj.write_bytes(good[: -len(index)] + bytes(limit - len(good)) + index)
+    assert torch.equal(Run(LocalStore(cube)).reader(1).read("cube"), CUBE)
+    obj.write_bytes(good[: -len(index)] + bytes(limit + 1 - len(good)) + index)
+    with pytest.raises(IntegrityError, match=rf"^cube shard cube/c\.0\.0\.0: more than {limit} bytes, "):
+        Run(LocalStore(cube)).reader(1).read("cube")
+    # an object that is its index alone: the chunks it lists lie outside it
+    obj.write_bytes(index)
+    with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: chunk \d+ points outside "):
+        Run(LocalStore(cube)).reader(1).read("cube")
