@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from damaged import STEP, build_checkpoint, expected
+from damaged import STEP, build_checkpoint, expected, load_doc, sealed_json
 
 import ckptd
 from ckptd.format import CheckpointWriter, Run, ShardBox
@@ -284,3 +284,35 @@ def test_a_shard_of_exactly_the_largest_size_is_read_one_byte_more_is_refused(cu
     obj.write_bytes(index)
     with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0: chunk \d+ points outside "):
         Run(LocalStore(cube)).reader(1).read("cube")
+
+
+@pytest.mark.parametrize(("nbytes", "message"), [
+    (10, r"^w shard w/c\.0\.0: recorded size 10 is smaller than its index$"),
+    # exactly its index: no data at all, so the index is looked for at the start and does not match
+    (3 * 16 + 4, r"^w shard w/c\.0\.0: shard index does not match the manifest checksum$"),
+])
+def test_a_v1_shard_record_smaller_than_its_object_is_an_integrity_error(
+    tmp_path: Path, nbytes: int, message: str
+) -> None:
+    build_checkpoint(tmp_path / "run", version=1)
+    (path,) = (tmp_path / "run").glob("step_*/manifest.json")
+    doc = load_doc(path)
+    doc["arrays"]["w"]["parts"][0]["shards"][0][2] = nbytes
+    path.write_bytes(sealed_json(doc))
+    with pytest.raises(IntegrityError, match=message):
+        Run(LocalStore(tmp_path / "run")).reader(STEP).read("w", ShardBox((0, 0), (1, 1)))
+
+
+def test_a_shard_record_missing_from_a_v1_part_is_an_integrity_error(tmp_path: Path) -> None:
+    """The manifest parser already refuses such a part; the reader does not rely on it."""
+    build_checkpoint(tmp_path / "run", version=1)
+    run = Run(LocalStore(tmp_path / "run"))
+    m = run.manifest(STEP)
+    part = m.arrays["w"].parts[0]
+    short = dataclasses.replace(part, shards=part.shards[:1])
+    w = dataclasses.replace(m.arrays["w"], parts=(short,))
+    forged = dataclasses.replace(m, arrays={**m.arrays, "w": w})
+    reader = CheckpointReader(run.reader(STEP).store, forged)
+    assert torch.equal(reader.read("w", ShardBox((0, 0), (6, 10))), expected()["w"][:6])
+    with pytest.raises(IntegrityError, match=r"^w: shard \[1, 0\] is missing from the manifest$"):
+        reader.read("w", ShardBox((5, 0), (2, 10)))
