@@ -79,6 +79,9 @@ def test_a_whole_shard_is_one_request_and_a_small_box_reads_index_and_one_coales
     assert [c[0] for c in store.calls] == ["ranges"] and len(store.calls[0][2]) == 1
     size = _object(cube, "cube", "c.0.0.0").stat().st_size
     assert store.calls[0][2][0][0] == 0 and store.calls[0][2][0][1] > size
+    reader, store = _counting_reader(cube)  # exactly half of the chunks: still one whole request
+    assert torch.equal(reader.read("cube", ShardBox((0, 0, 0), (2, 4, 8))), CUBE[:2])
+    assert [c[0] for c in store.calls] == ["ranges"] and store.calls[0][2][0][1] > size
 
     reader, store = _counting_reader(cube)
     box = ShardBox((1, 0, 2), (2, 1, 3))  # chunks (1, 0) and (2, 0): apart, fetched in one request
