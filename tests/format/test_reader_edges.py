@@ -319,3 +319,12 @@ def test_a_shard_record_missing_from_a_v1_part_is_an_integrity_error(tmp_path: P
     assert torch.equal(reader.read("w", ShardBox((0, 0), (6, 10))), expected()["w"][:6])
     with pytest.raises(IntegrityError, match=r"^w: shard \[1, 0\] is missing from the manifest$"):
         reader.read("w", ShardBox((5, 0), (2, 10)))
+
+
+def test_a_flipped_chunk_byte_names_the_shard_and_the_chunk(cube: Path) -> None:
+    obj = _object(cube, "cube", "c.0.0.0")
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 1  # the first byte of chunk (0, 0, 0)
+    obj.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"^cube shard cube/c\.0\.0\.0 chunk \[0, 0, 0\]: crc32c "):
+        Run(LocalStore(cube)).reader(1).read("cube", ShardBox((0, 0, 0), (1, 1, 8)))
