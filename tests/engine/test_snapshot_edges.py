@@ -79,6 +79,7 @@ def test_eager_mode_copies_everything_before_stage_returns() -> None:
     want = p.detach().clone()
     snap = _stage(stager, 1, {"p": p}, opt)
     assert snap.copied is True
+    snap.wait_copied()  # nothing failed: returns without an error
     with torch.no_grad():
         p.mul_(3.0)  # unguarded change right after stage: the copy is already complete
     assert torch.equal(snap.host["p"], want) and stager.hook_wait_s == 0.0
