@@ -32,6 +32,7 @@ from ckptd.format.reader import CheckpointReader
 from ckptd.format.run import Run
 from ckptd.format.shard import ShardGeometry, stream_shard
 from ckptd.format.store import Store
+from ckptd.format.tally import Tally, shard_fingerprint
 from ckptd.format.writer import ArrayReport, WriterReport, shard_key
 
 
@@ -161,11 +162,11 @@ class _ArrayConverter:
         self.plan = plan_array(a.shape, a.dtype.itemsize, boxes, chunk_bytes)
         if self.plan.kind == "scalar":
             self.codec = CodecSpec()
-        report = WriterReport(rank=0)
+        report = self.writer_report = WriterReport(rank=0)
         self.report = ArrayReport(a.dtype, a.shape, self.plan.kind, self.codec, layout)
         report.arrays[a.path] = self.report
         for part in self.plan.parts:
-            key = a.path if self.plan.kind != "pieces" else f"{a.path}/piece-{part.index:05d}"
+            key = self.key(part)
             if self.plan.kind == "scalar":
                 self.jobs.append((part.index, pool.submit(self._scalar, key)))
             elif 0 not in part.shape:
@@ -173,6 +174,9 @@ class _ArrayConverter:
                     if not cell_box(coords, part.grid, part.shape).is_empty():
                         self.jobs.append((part.index, pool.submit(self._shard, key, part, coords)))
         return report
+
+    def key(self, part: PartPlan) -> str:
+        return self.a.path if self.plan.kind != "pieces" else f"{self.a.path}/piece-{part.index:05d}"
 
     def _read(self, box: ShardBox) -> np.ndarray:
         return tensor_to_numpy(self.reader.read(self.a.path, box))
@@ -209,10 +213,17 @@ class _ArrayConverter:
         return ShardRecord(coords, 0, nbytes, crc)
 
     def finish(self) -> int:
-        """Wait for this array's shards; fills the report's parts and returns the bytes written."""
+        """Wait for this array's shards; fills the report's parts and tally (the manifest's totals)
+        and returns the bytes written."""
         done: dict[int, list[ShardRecord]] = {p.index: [] for p in self.plan.parts}
+        itemsize = self.a.dtype.itemsize
         for index, fut in self.jobs:
-            done[index].append(fut.result())
+            record = fut.result()
+            done[index].append(record)
+            part = self.plan.parts[index]
+            cells = math.prod(cell_box(record.coords, part.grid, part.shape).shape) if part.shape else 1
+            self.writer_report.tally += Tally(1, shard_fingerprint(self.key(part), index, record.coords),
+                                              cells * itemsize, record.nbytes)
         for part in self.plan.parts:
             self.report.parts[part.index] = PartRecord(
                 part.offset, part.shape, part.grid, part.chunks, tuple(done[part.index])

@@ -154,3 +154,22 @@ def test_the_model_rule_refuses_a_mesh_unless_forced(tmp_path: Path) -> None:
     forced = reshard(src, dst, mesh={"tp": 4}, refuse=_at_most_two_tp, force=True, dst_step=6).manifest
     assert forced.mesh == {"tp": 4}
     assert torch.equal(_loaded(tmp_path / "dst", 6)["w"], _expected(5)["w"])
+
+
+def test_the_converted_manifest_counts_what_was_written(tmp_path: Path) -> None:
+    """`ckptd info` and the next conversion read the totals: they are the target's, not zeros."""
+    src = _source(tmp_path / "src")
+    dst = Run(LocalStore(tmp_path / "dst"))
+    result = reshard(src, dst, mesh={"tp": 2})
+    totals = dst.manifest(5).totals
+    source = src.manifest(5).totals
+    shard_files = [f for f in (tmp_path / "dst").rglob("*") if f.is_file() and not f.name.endswith(".json")
+                   and not f.parent.name.endswith(".meta")]
+    assert totals.arrays == 3
+    assert totals.shards == len(shard_files)
+    assert totals.nbytes == source.nbytes == 12 * 8 * 4 + 6 * 4 + 8  # logical bytes do not change
+    assert totals.stored_bytes == result.bytes_written
+    assert totals.writers == 1
+    # a second conversion reads what the first wrote
+    again = reshard(dst, Run(LocalStore(tmp_path / "again")), mesh={"tp": 1})
+    assert again.bytes_read == result.bytes_written
