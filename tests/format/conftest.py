@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from damaged import build_checkpoint
+
+from ckptd.format.run import Run
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -48,3 +51,22 @@ def root(template: Path, tmp_path: Path) -> Path:
 def root_v1(template_v1: Path, tmp_path: Path) -> Path:
     """The same checkpoint written in format v1 (still read), copied the same way."""
     return _fresh_copy(template_v1, tmp_path / "outer_v1")
+
+
+@pytest.fixture(autouse=True)
+def _attempts_end_with_their_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An attempt a test opened and never committed (a refused commit leaves it open for a retry)
+    stops refreshing its lease when the test ends: a lease thread left running would write into
+    that test's directory while later tests audit their file access."""
+    opened: list[tuple[Run, int]] = []
+    prepare = Run.prepare
+
+    def recording(self: Run, step: int, **kwargs: Any) -> Any:
+        store = prepare(self, step, **kwargs)
+        opened.append((self, step))
+        return store
+
+    monkeypatch.setattr(Run, "prepare", recording)
+    yield
+    for run, step in opened:
+        run.abandon(step)

@@ -73,6 +73,7 @@ def test_concurrent_saves_of_one_step_commit_exactly_once_and_never_mix(
 
 
 def test_a_second_commit_of_a_step_raises_exists_and_keeps_the_first(tmp_path: Path) -> None:
+    leases = {t for t in threading.enumerate() if t.name == "ckptd-lease"}
     run = Run(open_store(str(tmp_path)))
     first = run.prepare(1)
     second = Run(open_store(str(tmp_path)))
@@ -86,7 +87,7 @@ def test_a_second_commit_of_a_step_raises_exists_and_keeps_the_first(tmp_path: P
             with pytest.raises(CheckpointExistsError):
                 second.commit(1, [w.finish()], state={"x": {"$ckptd": "tensor", "path": "x"}})
             # the loser stops refreshing its lease (else gc could never collect it)
-            assert not [t for t in threading.enumerate() if t.name == "ckptd-lease" and t.is_alive()]
+            assert not [t for t in threading.enumerate() if t.name == "ckptd-lease" and t not in leases]
     state: dict[str, Any] = {"x": torch.empty(10)}
     ckptd.load(state, str(tmp_path), step=1)
     assert torch.equal(state["x"], torch.full((10,), 1.0))
