@@ -63,3 +63,23 @@ def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return s3_server
+
+
+# Variants of a test that run only in `make test-slow`, because the fast tier (`make test`, ten
+# minutes on two cores) keeps a cheaper variant of the same behaviour. They are parameters of shared
+# fixtures (the storage backend, the catalog database), so they cannot carry a mark themselves.
+SLOW_VARIANTS = {
+    # eight writer processes on S3: the local variant runs in the fast tier, S3 commits in many others
+    "tests/format/test_multiwriter.py::test_eight_writer_processes[s3]",
+    # the abuse and API fuzzing campaigns on PostgreSQL: their SQLite runs are in the fast tier
+    "tests/api/test_abuse.py::test_unauthenticated_abuse_stays_bounded[postgres]",
+    "tests/api/test_abuse.py::test_the_body_limit_is_configurable_and_applies_to_token_holders_too[postgres]",
+    "tests/api/test_schemathesis.py::test_no_server_errors_and_mutations_need_the_token[postgres]",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid in SLOW_VARIANTS:
+            item.add_marker(pytest.mark.slow)

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_gpu.py"
 
 
+@pytest.mark.slow  # a benchmark script's smoke run; the trainer it drives is tested in the fast tier
 def test_train_gpu_benchmark_smoke_reports_overhead_and_writes_results(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-P", str(SCRIPT), "--smoke", "--out", str(tmp_path), "--dir", str(tmp_path / "r")]

@@ -169,6 +169,9 @@ def same_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "crashed": losses(tmp / "crashed.jsonl")}  # fmt: skip
 
 
+# slow: three torchrun jobs; the engine's SIGKILL/SIGTERM tests (tests/engine/test_engine_process.py)
+# and the trainer's bit-exact resume (test_reshard.py) are in the fast tier
+@pytest.mark.slow
 def test_sigterm_leaves_a_durable_checkpoint_of_the_last_step(same_layout: dict[str, Any]) -> None:
     tmp, stopped = same_layout["tmp"], same_layout["stopped"]
     assert committed(tmp / "straight") == [stopped]  # no --every: only the SIGTERM checkpoint
@@ -177,6 +180,7 @@ def test_sigterm_leaves_a_durable_checkpoint_of_the_last_step(same_layout: dict[
     assert "stopped by SIGTERM" in same_layout["sigterm_output"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_exact(same_layout: dict[str, Any]) -> None:
     tmp, kept, stopped = same_layout["tmp"], same_layout["kept"], same_layout["stopped"]
     assert max(same_layout["crashed"]) > kept  # the kill lost trained steps
