@@ -21,6 +21,9 @@ from ckptd.converters.dcp_import import import_dcp
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.errors import CheckpointExistsError, IntegrityError, LayoutError, StorageError
 from ckptd.format.manifest import ArrayRecord
+
+if not __package__:  # run as a gloo rank's script (see the end): the checkout's root holds `tests`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.converters.dcp_helpers import _single_process_dcp, assert_same  # noqa: F401 - autouse
 
 
