@@ -89,7 +89,8 @@ def test_full_fast_tier_does_not_stop_the_other_tiers(tiny_disk: Path, tmp_path:
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("mode", ["503", "refuse"])
+# refused connections in `make test-slow` only: botocore's retries make each variant take ~20 s here
+@pytest.mark.parametrize("mode", ["503", pytest.param("refuse", marks=pytest.mark.slow)])
 def test_s3_errors_raise_at_next_step_and_keep_earlier_checkpoints(flaky_s3: Any, mode: str) -> None:
     proxy, url, opts = flaky_s3
     state = _state(0.0)

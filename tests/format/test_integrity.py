@@ -94,10 +94,25 @@ def test_targets_cover_every_stored_shard(root: Path) -> None:
     assert len({(t.key, t.chunk) for t in targets if t.chunk}) >= 12
 
 
-def test_flipped_byte_in_any_chunk_or_index_is_named_and_fails_reads(root: Path) -> None:
+def _one_of_each(targets: list[Target]) -> list[Target]:
+    """The first target of each kind in each array (the fast tier's sample of the campaign)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for t in targets:
+        if (t.array, t.what) not in seen:
+            seen.add((t.array, t.what))
+            out.append(t)
+    return out
+
+
+# every byte position of every kind in `make test-slow`; one of each kind per array in `make test`
+@pytest.mark.parametrize("exhaustive", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["each-kind", "every-target"])
+def test_flipped_byte_in_any_chunk_or_index_is_named_and_fails_reads(root: Path, exhaustive: bool) -> None:
     exp = expected()
     data = data_path(root, STEP)
-    for t in _targets(root):
+    targets = _targets(root)
+    for t in targets if exhaustive else _one_of_each(targets):
         path = data / t.key
         original = path.read_bytes()
         flip(path, t.pos)
