@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from ckptd.format import IntegrityError, MetadataError
+from ckptd.format.codecs import crc32c
 from ckptd.format.commit_record import (
     MAX_PAGE_BYTES,
     MAX_STATE_BYTES,
@@ -26,7 +27,6 @@ from ckptd.format.commit_record import (
     rank_key,
     read_pinned,
 )
-from ckptd.format.codecs import crc32c
 from ckptd.format.manifest import Totals
 from ckptd.format.strict_json import dumps_sealed
 from ckptd.storage import LocalStore
@@ -77,8 +77,9 @@ def test_every_field_of_the_record_reads_back(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     pin = put_state(store, encode_state(ATTEMPT, {"lr": 0.25, "epoch": 3}))
     m = load_manifest(store, record(state=pin), WHERE)
-    assert (m.step, m.checkpoint_id, m.created_at, m.world_size) == (7, "ck-7", "2026-12-02T00:00:00+00:00", 3)
-    assert (dict(m.mesh), dict(m.metadata), m.format_version, m.attempt) == ({"dp": 3}, {"lr": 0.5}, 2, ATTEMPT)
+    assert (m.step, m.checkpoint_id, m.created_at) == (7, "ck-7", "2026-12-02T00:00:00+00:00")
+    assert (m.world_size, dict(m.mesh), dict(m.metadata)) == (3, {"dp": 3}, {"lr": 0.5})
+    assert (m.format_version, m.attempt) == (2, ATTEMPT)
     assert m.totals == Totals(arrays=0, shards=1, nbytes=2, stored_bytes=3, writers=4)
     assert m.rank_state is True
     assert m.state == {"lr": 0.25, "epoch": 3}
@@ -183,7 +184,8 @@ def test_a_state_tree_that_does_not_match_its_pin_is_refused(tmp_path: Path) -> 
 @pytest.mark.parametrize(("state_doc", "error", "message"), [
     ({"format": "ckptd-state", "attempt": "a-ffffffffffffffff", "state": {}}, IntegrityError,
      "rec: the state tree belongs to another attempt"),
-    ({"format": "ckptd-state", "attempt": ATTEMPT}, MetadataError, "rec state must be a JSON object, got NoneType"),
+    ({"format": "ckptd-state", "attempt": ATTEMPT}, MetadataError,
+     "rec state must be a JSON object, got NoneType"),
 ])
 def test_a_state_tree_of_another_attempt_or_without_state_is_refused(
         tmp_path: Path, state_doc: dict[str, Any], error: type[Exception], message: str) -> None:
@@ -281,7 +283,8 @@ def test_the_array_table_finds_each_array_on_its_page_and_counts_what_it_loaded(
      "rec table page 0 belongs to another attempt or page"),
     (page_doc(1, {"a": array_doc(2), "b": array_doc(3)}), IntegrityError,
      "rec table page 0 belongs to another attempt or page"),
-    ({**page_doc(0, {}), "arrays": []}, MetadataError, "rec table page 0 arrays must be a JSON object, got list"),
+    ({**page_doc(0, {}), "arrays": []}, MetadataError,
+     "rec table page 0 arrays must be a JSON object, got list"),
     (page_doc(0, {"a": array_doc(2), "aa": array_doc(3)}), IntegrityError,
      "rec table page 0 does not hold the arrays the commit record says"),
     (page_doc(0, {"a": array_doc(2), "b": {**array_doc(3), "dtype": "evil"}}), MetadataError, None),

@@ -94,4 +94,5 @@ def test_a_commit_record_of_exactly_1_mib_is_written_and_one_byte_more_is_refuse
     over = pad_to(MIB + 1, measure)
     with pytest.raises(MetadataError) as e:
         encode_record(manifest(checkpoint_id=over), PAGES, STATE)
-    assert str(e.value) == "the commit record would be 1048577 bytes (limit 1048576): 40 arrays in 2 table pages"
+    assert str(e.value) == ("the commit record would be 1048577 bytes (limit 1048576): "
+                            "40 arrays in 2 table pages")
