@@ -9,8 +9,16 @@ from collections.abc import Callable
 import pytest
 
 from ckptd.format import MetadataError
-from ckptd.format.commit_record import BlobRef, PageRef, encode_rank_state, encode_record, encode_state
-from ckptd.format.manifest import Manifest, Totals
+from ckptd.format.commit_record import (
+    BlobRef,
+    PageRef,
+    encode_pages,
+    encode_rank_state,
+    encode_record,
+    encode_state,
+)
+from ckptd.format.manifest import ArrayRecord, Manifest, Totals
+from ckptd.format.manifest_parse import parse_array
 from ckptd.format.strict_json import dumps_sealed
 
 ATTEMPT = "a-0123456789abcdef"
@@ -96,3 +104,27 @@ def test_a_commit_record_of_exactly_1_mib_is_written_and_one_byte_more_is_refuse
         encode_record(manifest(checkpoint_id=over), PAGES, STATE)
     assert str(e.value) == ("the commit record would be 1048577 bytes (limit 1048576): "
                             "40 arrays in 2 table pages")
+
+
+def noted_array(note: str) -> ArrayRecord:
+    """A one-element array whose layout carries a writer's note (``extra``) of any size."""
+    codec = {"compressor": "none", "level": 1, "shuffle": "byte"}
+    part = {"offset": [0], "shape": [1], "grid": [1], "chunks": [1]}
+    return parse_array("w", {"dtype": "uint8", "shape": [1], "kind": "regular", "codec": codec,
+                             "layout": {"partition": [[]], "extra": {"note": note}}, "parts": [part]},
+                       listed=False)
+
+
+def test_an_array_table_page_of_exactly_8_mib_is_written_and_one_byte_more_is_refused() -> None:
+    def measure(pad: str) -> int:
+        arrays = {"w": noted_array(pad).to_json()}
+        doc = {"format": "ckptd-arrays", "attempt": ATTEMPT, "page": 0, "arrays": arrays}
+        return len(dumps_sealed(doc))
+
+    pad = pad_to(8 * MIB, measure)
+    ((ref, raw),) = encode_pages(ATTEMPT, {"w": noted_array(pad)})
+    assert len(raw) == ref.size == 8 * MIB
+    over = pad_to(8 * MIB + 1, measure)
+    with pytest.raises(MetadataError) as e:
+        encode_pages(ATTEMPT, {"w": noted_array(over)})
+    assert str(e.value) == "array table page 0 would be 8388609 bytes (limit 8388608)"

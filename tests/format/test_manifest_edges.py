@@ -13,7 +13,7 @@ import pytest
 from ckptd.format import MetadataError, UnsupportedFormatError, manifest_parse
 from ckptd.format import manifest as manifest_module
 from ckptd.format.manifest import Manifest, Totals
-from ckptd.format.manifest_parse import loads, loads_document, parse_array
+from ckptd.format.manifest_parse import loads, loads_document, parse, parse_array
 from ckptd.format.strict_json import dumps_sealed
 
 CODEC = {"compressor": "none", "level": 1, "shuffle": "byte"}
@@ -97,6 +97,16 @@ def test_a_document_of_another_format_or_version_is_refused_with_the_whole_messa
     with pytest.raises(error) as e:
         loads(raw, "M")
     assert str(e.value) == message
+
+
+def test_the_v1_parser_takes_only_a_v1_object() -> None:
+    with pytest.raises(MetadataError) as e:
+        parse([])
+    assert str(e.value) == "manifest must be a JSON object, got list"
+    with pytest.raises(MetadataError) as e:
+        parse(manifest(format_version=2))
+    assert str(e.value) == "format_version=2 is out of range"
+    assert parse(manifest()).format_version == 1
 
 
 def test_the_document_versions_this_ckptd_reads() -> None:
