@@ -316,8 +316,8 @@ def test_a_v2_view_derives_shards_from_the_grid_and_reports_its_totals() -> None
     assert "stored_bytes" not in rec.to_json() and "shards" not in rec.to_json()["parts"][0]
     assert list(rec.parts[0].cells()) == [(0, 0), (1, 0), (2, 0)]
     part = {"offset": [0], "shape": [5], "grid": [2], "chunks": [1]}
-    flat = parse_array("v", {"dtype": "uint8", "shape": [5], "kind": "regular", "codec": CODEC, "layout": None,
-                             "parts": [part]}, listed=False)
+    flat = parse_array("v", {"dtype": "uint8", "shape": [5], "kind": "regular", "codec": CODEC,
+                             "layout": None, "parts": [part]}, listed=False)
     assert (flat.shard_count, flat.parts[0].ncells, list(flat.parts[0].cells())) == (3, 3, [(0,), (1,), (2,)])
     listed = loads(dumps_sealed(manifest())).arrays["w"].unlisted()
     assert (listed.parts[0].listed, listed.parts[0].shards, listed.shard_count) == (False, (), 2)
