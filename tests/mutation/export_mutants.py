@@ -19,8 +19,12 @@ from mutmut.cache import get_unified_diff
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
+    # every id first: iterating the cursor while mutmut's own connection opens the file for
+    # writing fails with "database is locked"
     con = sqlite3.connect(".mutmut-cache")
-    for (pk,) in con.execute("select m.id from Mutant m join Line l on m.line = l.id"):
+    ids = [pk for (pk,) in con.execute("select m.id from Mutant m join Line l on m.line = l.id")]
+    con.close()
+    for pk in ids:
         (out / f"{pk}.diff").write_text(get_unified_diff(pk, []))
 
 
