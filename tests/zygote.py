@@ -124,7 +124,10 @@ def serve(path: str) -> None:
     srv.bind(path)
     srv.listen(64)
     children: dict[int, socket.socket] = {}
+    parent = os.getppid()
     while True:
+        if os.getppid() != parent:  # the test process died without stopping us: never linger
+            return
         ready, _, _ = select.select([srv], [], [], 0.02)
         if ready:
             conn, _ = srv.accept()
@@ -231,8 +234,12 @@ class Zygote:
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="ckptd-zygote-")
         self.path = os.path.join(self._dir, "sock")
+        # its own output goes nowhere: a zygote outliving its test process must not hold the
+        # caller's pipes open (each child gets the caller's own descriptors instead)
         self._proc = subprocess.Popen([sys.executable, __file__, "serve", self.path],
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd="/")
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd="/",
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
         atexit.register(self.close)
 
     def _connect(self) -> socket.socket:
