@@ -1,12 +1,15 @@
 """The snapshot stager on CPU at its edges: chunked lazy copies of odd sizes and strided tensors
 hold the boundary values, optimizer-owned tensors are copied in the background and waited for by
 the optimizer, other tensors before ``stage`` returns, a failed copy fails its snapshot (not the
-copy thread), and ``close`` stops the copy thread for good."""
+copy thread), ``close`` stops the copy thread for good, the defaults copy optimizer state lazily,
+finished copies do not keep old snapshots alive, and the hooks' wait time adds up."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -147,3 +150,75 @@ def test_close_stops_the_copy_thread_and_a_reused_stager_starts_a_new_one() -> N
     snap2.release()
     stager.close()
     assert len(_copy_threads()) == before
+
+
+def test_a_default_stager_copies_optimizer_state_in_the_background() -> None:
+    # The defaults are lazy, and an optimizer's state (a momentum buffer here) is its own like its
+    # parameters: a failing copy of it fails the snapshot later, never ``stage`` itself.
+    p = torch.arange(8.0).requires_grad_()
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
+    opt.state[p]["momentum_buffer"] = torch.zeros(8).as_subclass(_FailingCopy)
+    stager = Stager(HostPool(max_slots=1))
+    snap = _stage(stager, 2, {"p": p, "momentum": opt.state[p]["momentum_buffer"]}, opt)
+    with pytest.raises(StorageError, match=r"^snapshot of step 2 failed: device lost$"):
+        snap.wait_copied()
+    snap.release()
+    stager.close()
+
+
+def test_a_never_stepped_optimizer_does_not_keep_old_snapshots_alive() -> None:
+    p = torch.randn(100).requires_grad_()
+    opt = torch.optim.SGD([p], lr=1.0)
+    stager = Stager(HostPool(max_slots=2), lazy=True, chunk_bytes=COPY_CHUNK_BYTES)
+    stager.guard([opt])
+    first = _stage(stager, 1, {"p": p}, opt)
+    first.wait_copied()
+    first.release()
+    gone = weakref.ref(first)
+    del first
+    second = _stage(stager, 2, {"p": p}, opt)
+    second.wait_copied()  # the copy thread runs in order: the first copy is finished for good now
+    second.release()
+    third = _stage(stager, 3, {"p": p}, opt)
+    gc.collect()
+    assert gone() is None  # its host memory is not held by the optimizer's finished entries
+    third.wait_copied()
+    third.release()
+    stager.close()
+
+
+class _GatedCopy(torch.Tensor):
+    """A tensor whose copy out waits for ``gate``: holds the copy thread until the test opens it."""
+
+    gate = threading.Event()
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.copy_:
+            cls.gate.wait(60.0)
+        return super().__torch_function__(func, types, args, kwargs or {})  # type: ignore[no-untyped-call]
+
+
+def test_hook_wait_time_adds_up_over_steps() -> None:
+    _GatedCopy.gate.clear()
+    held = torch.zeros(4).as_subclass(_GatedCopy).requires_grad_()
+    p = torch.randn(50).requires_grad_()
+    other, opt = torch.optim.SGD([held], lr=1.0), torch.optim.SGD([p], lr=1.0)
+    stager = Stager(HostPool(max_slots=2), lazy=True, chunk_bytes=COPY_CHUNK_BYTES)
+    stager.guard([opt])
+    # p's copy is queued behind the held one, so the first step's hook waits until the gate opens
+    snap = stager.stage(step=1, skeleton={}, tensors={"held": held, "p": p}, specs={}, rank_state={},
+                        metrics={}, optimizers=[other, opt])
+    opener = threading.Timer(0.2, _GatedCopy.gate.set)
+    opener.start()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opener.join()
+    first_wait = stager.hook_wait_s
+    snap.release()
+    snap2 = _stage(stager, 2, {"p": p}, opt)
+    snap2.wait_copied()
+    opt.step()  # a second (short) wait is added to the total, not put in its place
+    assert stager.hook_wait_s > first_wait > 0.0
+    snap2.release()
+    stager.close()
