@@ -96,8 +96,9 @@ def test_uneven_default_split_gives_extra_layers_to_middle_stages() -> None:
     assert ParallelConfig(pp=2, stage_layers=(1, 3)).layers_per_stage(4) == (1, 3)
 
 
-# the fast tier's one run of `ckptd train` under torchrun (test_checkpointing.py's are slow)
+# slow: torchrun starts cold interpreters (about 40 s here); the trainer's gloo paths are in the fast tier
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_ckptd_train_runs_under_torch_launcher_logs_json_and_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
