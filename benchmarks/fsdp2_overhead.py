@@ -3,8 +3,9 @@
 One run, same machine, same disk, same model and AdamW state (parameters + both moments,
 fp32, as DTensors from ``get_state_dict``), measures:
 
-* training-loop time added per checkpoint (the loop with checkpoints minus the same loop
-  without, divided by the number of checkpoints) for ``ckptd.Checkpointer`` (lazy snapshots,
+* training-loop time added per checkpoint (the loop with checkpoints minus the mean of the
+  baseline loops on either side of it, divided by the number of checkpoints; median over
+  ``--rounds`` rounds) for ``ckptd.Checkpointer`` (lazy snapshots,
   background persistence) and for ``dcp.async_save`` used as torchtitan uses it (a dedicated
   gloo group; before each save, wait for the previous one). Target: ckptd <= 0.5x DCP's;
 * time until durable of one checkpoint: ``ckpt.save(); ckpt.wait()`` against ``dcp.save``.
@@ -81,37 +82,16 @@ def loop(model: nn.Module, opt: torch.optim.Optimizer, first: int, steps: int, e
     return time.perf_counter() - t0
 
 
-def worker(args: argparse.Namespace) -> None:
+def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, ckpt: ckptd.Checkpointer,
+           root: Path, results: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Rounds of (baseline, ckptd, baseline, DCP) loops: each loop with checkpoints is compared
+    with the baselines on either side of it, so that the machine's drift cancels within a round.
+    Returns the added time per checkpoint of each round, for ckptd and for DCP."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    root = Path(args.dir)
-    results: list[dict[str, Any]] = []
-    model, opt = build(args.layers)
-    for s in range(2):  # warm-up; creates the Adam moments
-        train_step(model, opt, s)
-    nbytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # global: params + 2 moments
-    emit({"what": "state", "bytes": nbytes, "ranks": dist.get_world_size(), "layers": args.layers}, results)
-    first, n, every = 2, args.steps, args.every
+    n, every = args.steps, args.every
     saves = n // every
-
-    base = [loop(model, opt, first, n, every)]
-    first += n
-
-    ckpt = ckptd.Checkpointer(str(root / "ckptd"), state={"train": ckptd.TrainState(model, opt)},
-                              optimizers=[opt], every=every, memory_keep=0, handle_signals=False)
-    held_ckptd: list[float] = []
-    with_ckptd = loop(model, opt, first, n, every, lambda s: ckpt.step(s), held_ckptd)
-    hook_wait = ckpt.stager.hook_wait_s  # the optimizer's pre-step waits for lazy copies
-    first += n
-    t0 = time.perf_counter()
-    ckpt.wait()
-    tail_ckptd = time.perf_counter() - t0
-    base.append(loop(model, opt, first, n, every))
-    first += n
-
     async_group = dist.new_group(backend="gloo")  # torchtitan: a dedicated group for async saves
     pending: list[Any] = []
 
@@ -125,18 +105,60 @@ def worker(args: argparse.Namespace) -> None:
                                       checkpoint_id=str(root / "dcp-async" / f"step-{step}"),
                                       process_group=async_group))
 
+    def finish_dcp() -> None:
+        while pending:
+            pending.pop().result()
+
+    names = ("baseline_s", "ckptd_s", "dcp_async_s", "tail_wait_ckptd_s", "tail_wait_dcp_s", "added_ckptd_s",
+             "added_dcp_s")
+    rec: dict[str, list[float]] = {k: [] for k in names}
+    held_ckptd: list[float] = []
     held_dcp: list[float] = []
-    with_dcp = loop(model, opt, first, n, every, dcp_async, held_dcp)
-    first += n
-    t0 = time.perf_counter()
-    while pending:
-        pending.pop().result()
-    tail_dcp = time.perf_counter() - t0
-    base.append(loop(model, opt, first, n, every))
-    first += n
+    hook_wait = 0.0
+    first = 2
+    for _ in range(args.rounds):
+        timed: list[float] = []
+        for phase in ("base", "ckptd", "base", "dcp", "base"):
+            wait0 = ckpt.stager.hook_wait_s
+            if phase == "ckptd":
+                timed.append(loop(model, opt, first, n, every, lambda s: ckpt.step(s), held_ckptd))
+                hook_wait += ckpt.stager.hook_wait_s - wait0  # the optimizer's waits for lazy copies
+            elif phase == "dcp":
+                timed.append(loop(model, opt, first, n, every, dcp_async, held_dcp))
+            else:
+                timed.append(loop(model, opt, first, n, every))
+            first += n
+            t0 = time.perf_counter()
+            if phase != "base":
+                (ckpt.wait if phase == "ckptd" else finish_dcp)()
+                rec[f"tail_wait_{phase}_s"].append(time.perf_counter() - t0)
+        before, with_c, middle, with_d, after = timed
+        rec["baseline_s"] += [before, middle, after]
+        rec["ckptd_s"].append(with_c)
+        rec["dcp_async_s"].append(with_d)
+        rec["added_ckptd_s"].append((with_c - (before + middle) / 2) / saves)
+        rec["added_dcp_s"].append((with_d - (middle + after) / 2) / saves)
+    emit({"what": "loop", "steps": n, "checkpoints_per_loop": saves, "rounds": args.rounds, **rec}, results)
+    # The loop difference above is what the target is defined on; on a shared, noisy machine the
+    # baselines alone can differ by more than a checkpoint costs, so the time the loop was held
+    # inside the checkpoint calls (plus, for ckptd, the optimizer hook's waits) is reported too.
+    blocked_ckptd = (sum(held_ckptd) + hook_wait) / (saves * args.rounds)
+    blocked_dcp = sum(held_dcp) / (saves * args.rounds)
+    emit({"what": "blocked", "ckptd_per_checkpoint_s": blocked_ckptd, "ckptd_hook_wait_s": hook_wait,
+          "dcp_async_per_checkpoint_s": blocked_dcp, "ratio": blocked_ckptd / blocked_dcp}, results)
+    return rec["added_ckptd_s"], rec["added_dcp_s"]
+
+
+def durable(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, ckpt: ckptd.Checkpointer,
+            root: Path) -> tuple[list[float], list[float]]:
+    """Time until durable of one checkpoint, ckptd and ``dcp.save`` alternating (the machine's
+    load drifts evenly on both)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     durable_ckptd: list[float] = []
     durable_dcp: list[float] = []
-    for i in range(args.repeats):  # alternating, so that the machine's load drifts evenly on both
+    for i in range(args.repeats):
         dist.barrier()
         t0 = time.perf_counter()
         ckpt.save(100000 + i)
@@ -149,35 +171,37 @@ def worker(args: argparse.Namespace) -> None:
         dcp.save({"model": sd_model, "optim": sd_optim}, checkpoint_id=str(root / "dcp" / f"step-{i}"))
         dist.barrier()
         durable_dcp.append(time.perf_counter() - t0)
-    ckpt.close()
+    return durable_ckptd, durable_dcp
 
-    baseline = statistics.median(base)
-    emit({"what": "loop", "steps": n, "checkpoints": saves, "baseline_s": base, "ckptd_s": with_ckptd,
-          "dcp_async_s": with_dcp, "tail_wait_ckptd_s": tail_ckptd, "tail_wait_dcp_s": tail_dcp}, results)
-    added_ckptd = (with_ckptd - baseline) / saves
-    added_dcp = (with_dcp - baseline) / saves
-    # The loop difference above is what the target is defined on; on a shared, noisy machine the
-    # baselines alone can differ by more than a checkpoint costs, so the time the loop was held
-    # inside the checkpoint calls (plus, for ckptd, the optimizer hook's waits) is reported too.
-    blocked_ckptd = (sum(held_ckptd) + hook_wait) / saves
-    blocked_dcp = sum(held_dcp) / saves
-    emit({"what": "blocked", "ckptd_per_checkpoint_s": blocked_ckptd, "ckptd_hook_wait_s": hook_wait,
-          "dcp_async_per_checkpoint_s": blocked_dcp, "ratio": blocked_ckptd / blocked_dcp}, results)
+
+def worker(args: argparse.Namespace) -> None:
+    dist.init_process_group("gloo")
+    root = Path(args.dir)
+    results: list[dict[str, Any]] = []
+    model, opt = build(args.layers)
+    for s in range(2):  # warm-up; creates the Adam moments
+        train_step(model, opt, s)
+    nbytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # global: params + 2 moments
+    emit({"what": "state", "bytes": nbytes, "ranks": dist.get_world_size(), "layers": args.layers}, results)
+    ckpt = ckptd.Checkpointer(str(root / "ckptd"), state={"train": ckptd.TrainState(model, opt)},
+                              optimizers=[opt], every=args.every, memory_keep=0, handle_signals=False)
+    added_ckptd, added_dcp = rounds(args, model, opt, ckpt, root, results)
+    durable_ckptd, durable_dcp = durable(args, model, opt, ckpt, root)
+    ckpt.close()
     emit({"what": "durable", "ckptd_s": durable_ckptd, "dcp_save_s": durable_dcp}, results)
-    summary = {
+    med_ckptd, med_dcp = statistics.median(added_ckptd), statistics.median(added_dcp)
+    emit({
         "what": "summary",
-        "added_per_checkpoint_ckptd_s": added_ckptd,
-        "added_per_checkpoint_dcp_async_s": added_dcp,
-        "added_ratio": added_ckptd / added_dcp if added_dcp > 0 else None,
+        "added_per_checkpoint_ckptd_s": med_ckptd,
+        "added_per_checkpoint_dcp_async_s": med_dcp,
+        "added_ratio": med_ckptd / med_dcp if med_dcp > 0 else None,
         "added_target": 0.5,
-        "blocked_ratio": blocked_ckptd / blocked_dcp,
         "durable_median_ckptd_s": statistics.median(durable_ckptd),
         "durable_median_dcp_s": statistics.median(durable_dcp),
         "durable_ratio": statistics.median(durable_ckptd) / statistics.median(durable_dcp),
         "durable_target": 1.1,
-    }
-    emit(summary, results)
-    if rank == 0:
+    }, results)
+    if dist.get_rank() == 0:
         sys.path.insert(0, str(Path(__file__).parent))
         from machine import describe
 
@@ -201,6 +225,7 @@ def launch(args: argparse.Namespace) -> int:
                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             cmd = [sys.executable, __file__, "--worker", "--dir", str(tmp), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--every", str(args.every), "--repeats", str(args.repeats),
+                   "--rounds", str(args.rounds),
                    "--out", args.out]
             procs.append(subprocess.Popen(cmd, env=env))
         return max(p.wait() for p in procs)
@@ -213,6 +238,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22, help="Linear(2048, 2048) layers: 22 = 1.1 GB of state")
     ap.add_argument("--steps", type=int, default=8, help="steps per timed loop")
     ap.add_argument("--every", type=int, default=2, help="checkpoint every N steps")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (baseline, ckptd, baseline, DCP) loops")
     ap.add_argument("--repeats", type=int, default=2, help="durable-time samples per system")
     ap.add_argument("--tmp", default=None, help="where checkpoints go (default: the system temp dir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))

@@ -63,9 +63,10 @@ def drop_caches() -> None:
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    # Start every measurement with no dirty pages: otherwise a write pays for the writeback
-    # of whatever ran before it (the kernel throttles writers above the dirty limit).
-    os.sync()
+    # Start every measurement with no dirty pages and (where allowed) an empty page cache:
+    # otherwise a write pays for the writeback of whatever ran before it (the kernel throttles
+    # writers above the dirty limit), and its position in the sequence decides its speed.
+    drop_caches()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t

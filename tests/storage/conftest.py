@@ -22,3 +22,19 @@ def synced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
 
         monkeypatch.setattr(os, name, record)
     yield seen
+
+
+@pytest.fixture()
+def writeback_started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """Paths whose writeback ``LocalStore`` started early, in order; the real calls are made."""
+    from ckptd.storage import local
+
+    seen: list[Path] = []
+    real = local.start_writeback
+
+    def record(fd: int) -> bool:
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(local, "start_writeback", record)
+    yield seen

@@ -9,12 +9,13 @@ in milliseconds, so the fast mutation run catches a store that stops syncing.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from ckptd.storage import LocalStore
-from ckptd.storage.local import EAGER_FSYNC_BYTES
+from ckptd.storage.local import WRITEBACK_BYTES
 
 
 def test_flush_syncs_every_written_file_and_every_new_directory(tmp_path: Path, synced: list[Path]) -> None:
@@ -34,10 +35,33 @@ def test_flush_syncs_every_written_file_and_every_new_directory(tmp_path: Path, 
     assert synced == []  # nothing new: nothing to sync again
 
 
-def test_a_large_write_is_synced_at_once(tmp_path: Path, synced: list[Path]) -> None:
+def test_a_large_write_starts_its_writeback_at_once_and_is_synced_with_the_rest(
+    tmp_path: Path, synced: list[Path], writeback_started: list[Path]
+) -> None:
     store = LocalStore(tmp_path)
-    store.write("big", [b"\0" * EAGER_FSYNC_BYTES])
-    assert synced == [tmp_path / "big"]
+    store.write("big", [b"\0" * WRITEBACK_BYTES])
+    store.write("small", [b"\0" * (WRITEBACK_BYTES - 1)])
+    assert writeback_started == [tmp_path / "big"]  # the device gets it while the writer fills the next file
+    assert synced == []  # nobody waits for the device inside a writer thread
+    store.flush()
+    assert {tmp_path / "big", tmp_path / "small"} <= set(synced)
+
+
+def test_starting_writeback_is_best_effort(tmp_path: Path) -> None:
+    from ckptd.storage.writeback import start_writeback
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 8192)
+        assert start_writeback(fd) is True  # ext4 here
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        assert start_writeback(w) is False  # ESPIPE: refused, not raised
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 @pytest.mark.parametrize("exclusive", [True, False])
@@ -57,7 +81,7 @@ def test_publishing_syncs_earlier_writes_then_the_object_then_its_directory(
 
 def test_fsync_false_syncs_nothing(tmp_path: Path, synced: list[Path]) -> None:
     store = LocalStore(tmp_path, fsync=False)
-    store.write("a/c.0", [b"x" * EAGER_FSYNC_BYTES])
+    store.write("a/c.0", [b"x" * WRITEBACK_BYTES])
     store.flush()
     store.write_exclusive("a/manifest.json", b"{}")
     assert synced == [] and (tmp_path / "a/manifest.json").read_bytes() == b"{}"

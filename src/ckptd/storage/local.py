@@ -20,12 +20,13 @@ from pathlib import Path
 from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
 from ckptd.storage.errors import map_exceptions
+from ckptd.storage.writeback import start_writeback
 
 _IOV_MAX = 512
-# Files at least this big are fsync'd by the writing thread right away (overlapping other
-# work); smaller ones are fsync'd together, in parallel, by flush() — hundreds of tiny
-# serial fsyncs (biases, zarr.json) otherwise dominate the time of a save.
-EAGER_FSYNC_BYTES = 1 << 20
+# Files at least this big start their writeback as soon as they are written (writeback.py);
+# every file is fsync'd by flush(), together and in parallel — hundreds of serial fsyncs
+# (biases, zarr.json) or one wait per shard in the writer threads would dominate a save.
+WRITEBACK_BYTES = 1 << 20
 _FLUSH_THREADS = 16
 
 
@@ -94,9 +95,9 @@ class LocalStore:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 total = _writev_all(fd, data)
-                if self.fsync and total >= EAGER_FSYNC_BYTES:
-                    os.fdatasync(fd)
-                elif self.fsync:
+                if self.fsync:
+                    if total >= WRITEBACK_BYTES:
+                        start_writeback(fd)
                     with self._lock:
                         self._unsynced.append(path)
             finally:
