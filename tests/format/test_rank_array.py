@@ -67,7 +67,7 @@ def test_zarr_python_opens_the_rank_state_array_and_rows_are_the_documents(tmp_p
     arr = zarr.open_array(str(tmp_path / step_dir(5) / f"{attempt}.meta" / "ranks"), mode="r")
     assert (arr.shape, arr.dtype, arr.chunks) == ((WORLD, ROW_BYTES), np.dtype("uint8"), (1, ROW_BYTES))
     for rank in SAVERS:
-        doc = json.loads(bytes(arr[rank]).rstrip(b"\0"))
+        doc = json.loads(np.asarray(arr[rank]).tobytes().rstrip(b"\0"))
         assert (doc["format"], doc["attempt"], doc["rank"]) == ("ckptd-rank", attempt, rank)
         assert doc["state"] == rng_of(5, rank)
     assert not np.any(arr[2])  # no chunk: the fill value, "no state"
