@@ -15,7 +15,7 @@
 
 Nothing here grows with the number of ranks: the commit record lists table pages (one per
 PAGE_ARRAYS arrays) and totals, a restoring rank reads the record, the state tree, the pages
-holding the arrays it restores and its own rank object. Every document is sealed
+holding the arrays it restores and its own row of the rank-state array. Every document is sealed
 (``strict_json``); the record also pins the size and crc32c of every page and of the state, so
 a document of another attempt can never be mixed in.
 """

@@ -79,7 +79,14 @@ def load_rank_chunk(store: Store, attempt: str, rank: int, world_size: int,
         raise IntegrityError(f"{at}: {len(raw)}+ bytes, more than any encoded rank-state row")
     # bounded: the output buffer is one row, so a frame inflating past it is refused, not allocated
     row = bytes(ROW_CODEC.decode(raw, ROW_BYTES, at, bounded=True))
-    doc = loads_sealed(row.rstrip(b"\0"), at, limit=ROW_BYTES)
+    # Trailing zeros stripped: a sealed document ends with "}", so the padding is what follows the
+    # last "}" (bytes.rstrip walks a MiB of zeros 100x slower than rfind's memrchr).
+    end = row.rfind(b"}") + 1
+    if row[end:] != bytes(ROW_BYTES - end):
+        raise MetadataError(f"{at}: the row does not end in a sealed document and zero padding")
+    if end == 0:
+        return None  # an all-zero row is the fill value: no state, as if the chunk were absent
+    doc = loads_sealed(row[:end], at, limit=ROW_BYTES)
     if doc.get("format") != f"{FORMAT_NAME}-rank" or doc.get("attempt") != attempt or doc.get("rank") != rank:
         raise IntegrityError(f"{at} belongs to another attempt or rank")
     return obj(doc.get("state"), f"{at} state")

@@ -143,8 +143,25 @@ def test_a_chunk_of_another_rank_or_attempt_copied_in_place_is_refused(tmp_path:
 def test_a_row_that_is_not_a_sealed_document_is_a_metadata_error(tmp_path: Path) -> None:
     attempt = save(tmp_path, 2)
     row = bytearray(ROW_BYTES)
-    row[:9] = b'{"x": 1}\n'
+    row[:8] = b'{"x": 1}'
     chunk_path(tmp_path, 2, attempt, 0).write_bytes(b"".join(ROW_CODEC.encode(memoryview(row), 1)))
     run = Run(LocalStore(tmp_path))
     with pytest.raises(CheckpointError, match=r"c/0/0.*not sealed"):
         run.rank_state(2, 0, run.manifest(2))
+
+
+def test_padding_must_be_zeros_and_an_all_zero_chunk_is_no_state(tmp_path: Path) -> None:
+    attempt = save(tmp_path, 2)
+    path = chunk_path(tmp_path, 2, attempt, 0)
+    row = bytearray(ROW_CODEC.decode(path.read_bytes(), ROW_BYTES, "row"))
+    row[-1] = 7  # a byte after the document's zero padding
+    path.write_bytes(b"".join(ROW_CODEC.encode(memoryview(row), 1)))
+    run = Run(LocalStore(tmp_path))
+    m = run.manifest(2)
+    with pytest.raises(MetadataError) as e:
+        run.rank_state(2, 0, m)
+    assert str(e.value).endswith(f"{rank_chunk_key(attempt, 0)}: the row does not end in a sealed document "
+                                 "and zero padding")
+    # zarr-python may write the fill value explicitly: it means what an absent chunk means
+    path.write_bytes(b"".join(ROW_CODEC.encode(memoryview(bytearray(ROW_BYTES)), 1)))
+    assert run.rank_state(2, 0, m) is None
