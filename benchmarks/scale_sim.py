@@ -14,7 +14,8 @@ No tensor data moves; everything a rank computes, sends or reads *about* a check
   metadata, table pages, state tree, the commit record created exclusively) into a local
   directory — CPU time (``process_time``, all threads) and peak extra Python memory;
 * restore: a sample rank opens the checkpoint with ``Run.manifest``, touches only its arrays
-  (pages load lazily), reads its rank-state object and plans its reads (its boxes and the
+  (pages load lazily), reads its rank-state chunk (its row of the rank-state array) and plans
+  its reads (its boxes and the
   shard keys overlapping them): bytes of metadata read and CPU time;
 * requests: PUT-class objects a save writes, and the lower bounds they imply at 3,500 PUT/s and
   5,500 GET/s per S3 prefix, for one prefix and spread over the arrays' prefixes.
@@ -46,11 +47,11 @@ from ckptd.format import plan as plan_mod
 from ckptd.format.boxes import ShardBox, cell_box, cells_overlapping
 from ckptd.format.codecs import CodecSpec
 from ckptd.format.commit import check_tally, publish
-from ckptd.format.commit_record import encode_rank_state, rank_key
 from ckptd.format.dtypes import logical_dtype
 from ckptd.format.layout import TensorLayout, mesh_coords
 from ckptd.format.manifest import ArrayRecord, Totals
 from ckptd.format.plan import DEFAULT_CHUNK_BYTES, cached_plan
+from ckptd.format.rank_array import encode_rank_chunk, rank_array_document, rank_array_key, rank_chunk_key
 from ckptd.format.run import Run
 from ckptd.format.tally import Tally, expected_tally, shard_fingerprint
 from ckptd.format.writer import ArrayReport, CheckpointWriter, shard_key
@@ -238,7 +239,7 @@ def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str,
             mesh=job.mesh,
             metadata={"metrics": {"loss": 1.5}},
             totals=Totals(len(arrays), got.shards, got.nbytes, got.stored_bytes, R),
-            rank_state=True,
+            rank_state="array",
             documented=arrays.keys(),
         )
         return got, arrays
@@ -261,11 +262,14 @@ def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str,
     out["max_page_bytes"] = max(p.stat().st_size for p in pages)
     zarr_docs = sum(1 for _ in (step_dir / attempt).rglob("zarr.json"))  # groups (arrays: lead writers)
     # ---- restore on sample ranks (same layout): metadata bytes read, restore plan time
-    rank_obj = encode_rank_state(attempt, 0, rng_state())
+    rank_obj = b"".join(encode_rank_chunk(attempt, 0, rng_state()))
+    (step_dir / rank_array_key(attempt, "zarr.json")).parent.mkdir(parents=True, exist_ok=True)
+    (step_dir / rank_array_key(attempt, "zarr.json")).write_bytes(rank_array_document(R))
     reads, plans = [], []
     for r in sample:
-        (meta / "ranks").mkdir(exist_ok=True)
-        (step_dir / rank_key(attempt, r)).write_bytes(encode_rank_state(attempt, r, rng_state()))
+        chunk = step_dir / rank_chunk_key(attempt, r)
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        chunk.write_bytes(b"".join(encode_rank_chunk(attempt, r, rng_state())))
         t0 = time.process_time()
         mm = Run(LocalStore(root, fsync=False)).manifest(1000)
         c = job.coords(r)
@@ -292,14 +296,17 @@ def simulate(R: int, zero: int, workdir: Path, *, full_tally: bool) -> dict[str,
     out["restore_metadata_bytes_excl_state"] = max(reads) - out["state_bytes"]
     out["restore_plan_s"] = max(plans)
     # ---- requests
-    # PUTs: shards, rank objects, group zarr.json, pages, state, lease, record; array zarr.json by leads
-    puts = got.shards + R + zarr_docs + len(pages) + 3 + len(arrays_committed)
-    per_array = max(a.shard_count + 1 for a in arrays_committed.values())
+    # PUTs: shards (the data arrays' and one rank-state chunk per rank), group zarr.json, pages,
+    # state, lease, record; array zarr.json by leads, and the rank-state array's by rank 0
+    shards = got.shards + R
+    puts = shards + zarr_docs + len(pages) + 3 + len(arrays_committed) + 1
+    per_array = max(R + 1, *(a.shard_count + 1 for a in arrays_committed.values()))
     out.update(
         {
-            "shards": got.shards,
+            "shards": shards,
+            "rank_state_chunks": R,
             "put_requests": puts,
-            "put_overhead_vs_shards": puts - got.shards,
+            "put_overhead_vs_shards": puts - shards,
             "put_floor_one_prefix_s": puts / PUT_PER_S,
             "max_puts_under_one_array_prefix": per_array,
             "put_floor_per_array_prefix_s": per_array / PUT_PER_S,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import crc32c as _crc32c
 import numcodecs
+import numpy as np
 
 from ckptd.format.errors import IntegrityError, MetadataError
 
@@ -133,8 +134,13 @@ class CodecSpec:
         body: bytes | memoryview = raw if codec is None else bytes(codec.encode(raw))
         return [body, struct.pack("<I", crc32c(body))]
 
-    def decode(self, encoded: bytes | memoryview, expected_nbytes: int, where: str) -> memoryview:
-        """Check the trailing crc32c and decode; raises :class:`IntegrityError` naming ``where``."""
+    def decode(self, encoded: bytes | memoryview, expected_nbytes: int, where: str, *,
+               bounded: bool = False) -> memoryview:
+        """Check the trailing crc32c and decode; raises :class:`IntegrityError` naming ``where``.
+
+        ``bounded``: inflate into a buffer of ``expected_nbytes`` (zero filled), so a frame that
+        claims or produces more is refused before anything larger is allocated (a shorter frame
+        reads as zero padded)."""
         mv = memoryview(encoded).cast("B")
         if len(mv) < CRC_BYTES:
             raise IntegrityError(f"{where}: chunk is truncated ({len(mv)} bytes)")
@@ -148,7 +154,8 @@ class CodecSpec:
             out = body
         else:
             try:
-                out = memoryview(codec.decode(body)).cast("B")
+                dest = np.zeros(expected_nbytes, np.uint8) if bounded else None
+                out = memoryview(codec.decode(body, out=dest)).cast("B")
             except Exception as e:  # a checksum collision or a codec bug; never let it escape raw
                 raise IntegrityError(f"{where}: chunk does not decompress ({e})") from e
         if len(out) != expected_nbytes:

@@ -30,7 +30,7 @@ from ckptd.format.commit_record import (
 )
 from ckptd.format.errors import LayoutError
 from ckptd.format.lease import Lease
-from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecord, Totals
+from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecord, RankState, Totals
 from ckptd.format.names import check_segment
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally, expected_tally
@@ -128,7 +128,7 @@ def commit(
     mesh: Mapping[str, int] | None = None,
     metadata: Mapping[str, Any] | None = None,
     attempt: str | None = None,
-    rank_state: bool = False,
+    rank_state: RankState = False,
     lease: Lease | None = None,
 ) -> Manifest:
     """Publish a checkpoint whose shards the writers of ``reports`` made durable in ``store``.
@@ -173,7 +173,7 @@ def publish(
     mesh: Mapping[str, int] | None,
     metadata: Mapping[str, Any] | None,
     totals: Totals,
-    rank_state: bool = False,
+    rank_state: RankState = False,
     lease: Lease | None = None,
     documented: Collection[str] = (),
 ) -> Manifest:

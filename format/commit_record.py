@@ -8,12 +8,14 @@
       a-0123456789abcdef.meta/
         tables/t-00000.json      array records, sorted by path, a page of at most PAGE_ARRAYS
         state.json               the state tree (JSON, tensors by array path)
-        ranks/r-0000003.json     what only rank 3 restores (RNG states, ...)
+        ranks/                   what only each rank restores (RNG states, ...): one Zarr v3
+          zarr.json              array, row r = rank r's document (format/rank_array.py);
+          c/3/0                  older v2 checkpoints: ranks/r-0000003.json objects
         lease                    refreshed by the committing writer while the attempt is open
 
 Nothing here grows with the number of ranks: the commit record lists table pages (one per
 PAGE_ARRAYS arrays) and totals, a restoring rank reads the record, the state tree, the pages
-holding the arrays it restores and its own rank object. Every document is sealed
+holding the arrays it restores and its own row of the rank-state array. Every document is sealed
 (``strict_json``); the record also pins the size and crc32c of every page and of the state, so
 a document of another attempt can never be mixed in.
 """
@@ -41,7 +43,10 @@ MAX_RECORD_BYTES = 1 * 2**20
 """Commit record limit: it holds totals, one entry per table page and the user's metadata."""
 MAX_PAGE_BYTES = 8 * 2**20
 MAX_STATE_BYTES = 128 * 2**20
-MAX_RANK_BYTES = 16 * 2**20
+MAX_RANK_BYTES = 1 * 2**20
+"""A rank's state document (one row of the rank-state array, SPEC §8.3)."""
+MAX_RANK_OBJECT_BYTES = 16 * 2**20
+"""The JSON rank objects of older v2 checkpoints (``rank_state: true``)."""
 MAX_METADATA_BYTES = 256 * 2**10
 ATTEMPT = re.compile(r"^a-[0-9a-f]{16}$")
 
@@ -114,9 +119,10 @@ def encode_state(attempt: str, state: dict[str, Any]) -> bytes:
 
 
 def encode_rank_state(attempt: str, rank: int, state: dict[str, Any]) -> bytes:
+    """An older v2 checkpoint's rank object (new saves write the rank-state array instead)."""
     raw = dumps_sealed({"format": f"{FORMAT_NAME}-rank", "attempt": attempt, "rank": rank, "state": state})
-    if len(raw) > MAX_RANK_BYTES:
-        raise MetadataError(f"rank {rank}'s state would be {len(raw)} bytes (limit {MAX_RANK_BYTES})")
+    if len(raw) > MAX_RANK_OBJECT_BYTES:
+        raise MetadataError(f"rank {rank}'s state would be {len(raw)} bytes (limit {MAX_RANK_OBJECT_BYTES})")
     return raw
 
 
@@ -180,8 +186,8 @@ def parse_record(doc: dict[str, Any], where: str) -> CommitRecord:
         state = BlobRef(integer(s.get("size"), "state.size", lo=2, hi=MAX_STATE_BYTES),
                         integer(s.get("crc32c"), "state.crc32c", lo=0, hi=2**32 - 1))
         rank_state = doc.get("rank_state")
-        if not isinstance(rank_state, bool):
-            raise MetadataError("rank_state must be true or false")
+        if not isinstance(rank_state, bool) and rank_state != "array":
+            raise MetadataError('rank_state must be true, false or "array"')
         fields = {
             "step": integer(doc.get("step"), "step", lo=0, hi=10**10 - 1),
             "checkpoint_id": string(doc.get("checkpoint_id"), "checkpoint_id"),
@@ -232,13 +238,13 @@ def load_state(store: Store, record: CommitRecord, where: str) -> dict[str, Any]
 
 
 def load_rank_state(store: Store, attempt: str, rank: int, where: str) -> dict[str, Any] | None:
-    """Rank ``rank``'s own state (None when it saved none)."""
+    """Rank ``rank``'s own state from an older v2 checkpoint's JSON object (None when it saved none)."""
     key = rank_key(attempt, rank)
     try:
         raw = store.read(key)
     except FileNotFoundError:
         return None
-    doc = loads_sealed(raw, f"{where} rank {rank} state", limit=MAX_RANK_BYTES)
+    doc = loads_sealed(raw, f"{where} rank {rank} state", limit=MAX_RANK_OBJECT_BYTES)
     if doc.get("attempt") != attempt or doc.get("rank") != rank:
         raise IntegrityError(f"{where}: {key} belongs to another attempt or rank")
     return obj(doc.get("state"), f"{where} rank {rank} state")

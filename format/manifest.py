@@ -29,6 +29,9 @@ FORMAT_VERSION = 2
 MANIFEST_KEY = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20
 ArrayKind = Literal["regular", "pieces", "scalar"]
+RankState = bool | Literal["array"]
+"""How a format v2 checkpoint keeps per-rank state: False none, "array" the rank-state array,
+True the JSON objects of older v2 checkpoints (SPEC §8.3)."""
 T = TypeVar("T")
 
 
@@ -170,8 +173,9 @@ class Manifest:
     attempt: str = ""
     """Format v2: the attempt directory (beside ``manifest.json``) holding this checkpoint's data."""
     totals: Totals | None = None
-    rank_state: bool = False
-    """Format v2: per-rank state objects exist (``ranks/r-NNNNNNN.json`` of the attempt's metadata)."""
+    rank_state: RankState = False
+    """Format v2: ranks saved state of their own: ``"array"`` the rank-state array (``ranks/``
+    of the attempt's metadata), True the ``ranks/r-NNNNNNN.json`` objects of older v2 checkpoints."""
 
     @property
     def nbytes(self) -> int:

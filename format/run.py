@@ -34,8 +34,9 @@ from ckptd.format.errors import (
     StorageError,
 )
 from ckptd.format.lease import Lease
-from ckptd.format.manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, ArrayRecord, Manifest, Totals
+from ckptd.format.manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, ArrayRecord, Manifest, RankState, Totals
 from ckptd.format.manifest_parse import loads_document, parse, with_context
+from ckptd.format.rank_array import load_rank_chunk
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally
 from ckptd.format.verify import Problem, verify
@@ -130,11 +131,15 @@ class Run:
         return m
 
     def rank_state(self, step: int, rank: int, manifest: Manifest) -> dict[str, Any] | None:
-        """What rank ``rank`` saved for itself alone (format v2; v1 kept it in the metadata)."""
-        if not manifest.rank_state:
-            return None
-        return load_rank_state(self.checkpoint_store(step), manifest.attempt, rank,
-                               f"{self.url}/{step_dir(step)}")
+        """What rank ``rank`` saved for itself alone (format v2; v1 kept it in the metadata): its
+        row of the rank-state array, or its JSON object in older v2 checkpoints."""
+        where = f"{self.url}/{step_dir(step)}"
+        if manifest.rank_state == "array":
+            store = self.checkpoint_store(step)
+            return load_rank_chunk(store, manifest.attempt, rank, manifest.world_size, where)
+        if manifest.rank_state is True:
+            return load_rank_state(self.checkpoint_store(step), manifest.attempt, rank, where)
+        return None
 
     def reader(self, step: int | None = None, *, threads: int = 8) -> CheckpointReader:
         if step is None:
@@ -205,7 +210,7 @@ class Run:
         mesh: Mapping[str, int] | None = None,
         metadata: Mapping[str, Any] | None = None,
         attempt: str | None = None,
-        rank_state: bool = False,
+        rank_state: RankState = False,
     ) -> Manifest:
         """Commit the attempt ``prepare`` opened (or ``attempt``, opened by another process)."""
         with self._lock:
@@ -239,7 +244,7 @@ class Run:
         world_size: int,
         mesh: Mapping[str, int] | None = None,
         metadata: Mapping[str, Any] | None = None,
-        rank_state: bool = False,
+        rank_state: RankState = False,
     ) -> Manifest:
         """Commit the open attempt from what a distributed commit gathered: the arrays as their lead
         writers planned them (they also wrote their ``zarr.json``) and the summed tally, which must be

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
+import zarr
 
 from ckptd.format.run import step_dir
 from tests.paths import meta_path
@@ -33,7 +35,12 @@ def committed_documents(root: Path, step: int) -> list[tuple[str, str, Any]]:
     meta = meta_path(root, step)
     docs += [("page", str(p), json.loads(p.read_bytes())) for p in sorted((meta / "tables").glob("*.json"))]
     docs.append(("state", str(meta / "state.json"), json.loads((meta / "state.json").read_bytes())))
-    docs += [("rank", str(p), json.loads(p.read_bytes())) for p in sorted((meta / "ranks").glob("*.json"))]
+    ranks = meta / "ranks"
+    docs += [("rank", str(p), json.loads(p.read_bytes())) for p in sorted(ranks.glob("r-*.json"))]  # older v2
+    if (ranks / "zarr.json").exists():  # the rank-state array, read by zarr-python: row r = rank r's document
+        rows = zarr.open_array(str(ranks), mode="r")
+        docs += [("rank", f"{ranks}[{r}]", json.loads(np.asarray(rows[r]).tobytes().rstrip(b"\0")))
+                 for r in range(rows.shape[0]) if (ranks / "c" / str(r) / "0").exists()]
     return docs
 
 

@@ -85,6 +85,7 @@ def test_every_field_of_the_record_reads_back(tmp_path: Path) -> None:
     assert m.state == {"lr": 0.25, "epoch": 3}
     assert len(m.arrays) == 0 and list(m.arrays) == []
     assert load_manifest(store, record(state=pin, rank_state=False), WHERE).rank_state is False
+    assert load_manifest(store, record(state=pin, rank_state="array"), WHERE).rank_state == "array"
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -98,7 +99,9 @@ def test_every_field_of_the_record_reads_back(tmp_path: Path) -> None:
     ({"state": {"size": MAX_STATE_BYTES + 1, "crc32c": 0}}, "state.size=134217729 is out of range"),
     ({"state": {"size": 2}}, "state.crc32c must be an integer, got None"),
     ({"state": {"size": 2, "crc32c": 2**32}}, "state.crc32c=4294967296 is out of range"),
-    ({"rank_state": None}, "rank_state must be true or false"),
+    ({"rank_state": None}, 'rank_state must be true, false or "array"'),
+    ({"rank_state": "Array"}, 'rank_state must be true, false or "array"'),
+    ({"rank_state": 1}, 'rank_state must be true, false or "array"'),
     ({"step": -1}, "step=-1 is out of range"),
     ({"step": 10**10}, "step=10000000000 is out of range"),
     ({"checkpoint_id": 5}, "checkpoint_id must be a string, got int"),

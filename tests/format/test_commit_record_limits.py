@@ -19,6 +19,7 @@ from ckptd.format.commit_record import (
 )
 from ckptd.format.manifest import ArrayRecord, Manifest, Totals
 from ckptd.format.manifest_parse import parse_array
+from ckptd.format.rank_array import ROW_BYTES, ROW_CODEC, encode_rank_chunk
 from ckptd.format.strict_json import dumps_sealed
 
 ATTEMPT = "a-0123456789abcdef"
@@ -64,6 +65,17 @@ def test_a_rank_state_of_exactly_16_mib_is_written_and_one_byte_more_is_refused(
     with pytest.raises(MetadataError) as e:
         encode_rank_state(ATTEMPT, 3, {"pad": over})
     assert str(e.value) == "rank 3's state would be 16777217 bytes (limit 16777216)"
+
+
+def test_a_rank_state_row_of_exactly_1_mib_is_written_and_one_byte_more_is_refused() -> None:
+    """New saves keep a rank's state in one row of the rank-state array: the row is the limit."""
+    assert ROW_BYTES == MIB
+    pad = pad_to(MIB, rank_size)
+    row = bytes(ROW_CODEC.decode(b"".join(encode_rank_chunk(ATTEMPT, 3, {"pad": pad})), MIB, "row"))
+    assert len(row) == MIB and row[-1] != 0  # the document fills the row: no padding left
+    with pytest.raises(MetadataError) as e:
+        encode_rank_chunk(ATTEMPT, 3, {"pad": pad_to(MIB + 1, rank_size)})
+    assert str(e.value) == "rank 3's state would be 1048577 bytes (limit 1048576)"
 
 
 def manifest(checkpoint_id: str = "ck", metadata: dict[str, str] | None = None) -> Manifest:

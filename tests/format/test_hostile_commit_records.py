@@ -30,7 +30,7 @@ from ckptd.format import (
     UnsupportedFormatError,
 )
 from ckptd.format.codecs import crc32c
-from ckptd.format.commit_record import MAX_RANK_BYTES, MAX_RECORD_BYTES
+from ckptd.format.commit_record import MAX_RANK_OBJECT_BYTES, MAX_RECORD_BYTES
 from ckptd.format.run import step_dir
 from ckptd.storage import LocalStore
 
@@ -255,7 +255,7 @@ RANK_CASES: list[tuple[str, Callable[[dict[str, Any]], bytes], type[CheckpointEr
     ("rank object unsealed", lambda d: unseal(sealed_json(d)), IntegrityError),
     ("rank state is a list", lambda d: sealed_json({**d, "state": []}), MetadataError),
     ("rank object sealed but not JSON", lambda d: reseal(b"\xff\xfe{"), MetadataError),
-    ("rank object oversize", lambda d: sealed_json({**d, "pad": "x" * MAX_RANK_BYTES}), MetadataError),
+    ("rank object oversize", lambda d: sealed_json({**d, "pad": "x" * MAX_RANK_OBJECT_BYTES}), MetadataError),
 ]
 
 

@@ -61,6 +61,7 @@ def test_engine_documents_validate(tmp_path: Path) -> None:
         ck.step(1, metrics={"loss": 0.5})
     kinds = assert_valid(tmp_path / "run", 1)
     assert kinds[:1] == ["record"] and "page" in kinds and "state" in kinds
+    assert kinds.count("rank") == 1  # rank 0's row of the rank-state array (its RNG states)
 
 
 def test_converter_documents_validate(root: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from ckptd.engine.policy import to_delete
 from ckptd.engine.snapshot import Snapshot
 from ckptd.format.boxes import ShardBox
 from ckptd.format.commit import check_tally, publish
-from ckptd.format.commit_record import LEASE_NAME, encode_rank_state, meta_key, rank_key
+from ckptd.format.commit_record import LEASE_NAME, meta_key
 from ckptd.format.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -31,6 +31,7 @@ from ckptd.format.errors import (
 )
 from ckptd.format.lease import Lease
 from ckptd.format.manifest import Manifest, Totals
+from ckptd.format.rank_array import encode_rank_chunk, rank_array_document, rank_array_key, rank_chunk_key
 from ckptd.format.run import Run, step_dir
 from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
@@ -181,9 +182,9 @@ class StoreTier:
                 writer.add(path, tensor, shape=spec.shape, box=spec.box, layout=spec.layout, mesh=spec.mesh,
                            boxes=spec.boxes)
         report = writer.finish()
-        if snap.rank_state:  # what only this rank restores: its own object, read by it alone
+        if snap.rank_state:  # what only this rank restores: its chunk of the rank-state array
             step_store = self.run.checkpoint_store(snap.step)
-            step_store.write(rank_key(attempt, rank), [encode_rank_state(attempt, rank, snap.rank_state)])
+            step_store.write(rank_chunk_key(attempt, rank), encode_rank_chunk(attempt, rank, snap.rank_state))
             step_store.flush()
             report.rank_state = True
         return report
@@ -198,13 +199,19 @@ class StoreTier:
         # sync look for them; the engine's own bookkeeping goes under its key.
         metadata = {"metrics": snap.metrics, ENGINE_KEY: {"tier": self.config.kind}}
         t = gathered.tally
+        step_store = self.run.checkpoint_store(snap.step)
+        if gathered.rank_states:  # the lead writer describes the rank-state array, before the record
+            document = rank_array_document(self.coordinator.world_size)
+            step_store.write(rank_array_key(attempt, "zarr.json"), [document])
+            step_store.flush()
         totals = Totals(arrays=len(gathered.arrays), shards=t.shards, nbytes=t.nbytes,
                         stored_bytes=t.stored_bytes, writers=gathered.writers)
-        manifest = publish(self.run.checkpoint_store(snap.step), step=snap.step, attempt=attempt,
+        manifest = publish(step_store, step=snap.step, attempt=attempt,
                            arrays=gathered.arrays, state=snap.skeleton,
                            world_size=self.coordinator.world_size,
-                           mesh=mesh, metadata=metadata, totals=totals, rank_state=gathered.rank_states > 0,
-                           lease=lease, documented=gathered.arrays.keys())
+                           mesh=mesh, metadata=metadata, totals=totals,
+                           rank_state="array" if gathered.rank_states else False, lease=lease,
+                           documented=gathered.arrays.keys())
         lease.release()
         self._metrics[snap.step] = dict(snap.metrics)
         self.apply_retention()
