@@ -85,7 +85,7 @@ class WriterReport:
     tally: Tally = field(default_factory=Tally)
     """Count, fingerprint and bytes of the shards written (see ``tally.py``)."""
     rank_state: bool = False
-    """This writer also wrote its own rank-state object (format v2)."""
+    """This writer also wrote its own rank-state chunk (format v2: a row of the rank-state array)."""
     documented: set[str] = field(default_factory=set)
     """Arrays whose ``zarr.json`` this writer wrote (the lead writer of each array does, so the
     committer's work does not grow with the number of arrays times their metadata)."""

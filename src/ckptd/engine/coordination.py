@@ -18,7 +18,7 @@ and deadlocks, or corrupts NCCL's stream order):
 
 Commit protocol for one attempt ``key`` (its directory name is derived from the job's
 session and ``key`` on every rank, so nothing has to be sent before writing): rank 0 opens
-the attempt (its lease); every rank writes its boxes and its own rank-state object, makes
+the attempt (its lease); every rank writes its boxes and its own rank-state chunk, makes
 them durable and reports; rank 0 checks the tally against the storage plan, publishes the
 commit record exclusively and sets ``done``. A failed, dead or stuck rank ends the attempt
 within ``timeout_s`` on every live rank as a ``CheckpointError``; nothing is committed.
@@ -55,7 +55,7 @@ class Gathered:
     writers: int
     """Ranks that wrote at least one shard."""
     rank_states: int
-    """Ranks that wrote their own rank-state object."""
+    """Ranks that wrote their own rank-state chunk (a row of the rank-state array)."""
 
 
 Finalize = Callable[[Gathered], None]

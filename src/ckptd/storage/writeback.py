@@ -7,9 +7,10 @@ file and leaves the device idle while the thread fills its next file; deferring 
 into the page cache. Starting the writeback of each file as soon as it is written, and
 syncing them all together at the end, keeps the device busy from the first shard on and lets
 the journal batch the commits. Durability is unchanged: the final ``fdatasync`` of each file
-is still what a commit waits for. Same-run medians on our 2-core box (W1 state, 0.75 GB):
-eager per-file ``fdatasync`` 0.68-0.76x a raw fsync'd write, everything deferred 0.64x,
-this 0.78-0.84x (benchmarks/results/w1-writeback-*.json).
+is still what a commit waits for. Same-run medians on our 2-core box (W1 state, 0.75 GB,
+benchmarks/results/w1-writeback-*.json), as a fraction of a raw fsync'd write of the same bytes:
+quiet, per-file ``fdatasync`` 0.87x, everything deferred 0.80x, this 0.91x; with another job
+on the cores, 0.68x, 0.62x and 0.87x.
 
 Linux only (``sync_file_range(2)``); elsewhere :func:`start_writeback` does nothing and the
 final sync does all the work.
