@@ -183,8 +183,12 @@ def worker(args: argparse.Namespace) -> None:
         train_step(model, opt, s)
     nbytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # global: params + 2 moments
     emit({"what": "state", "bytes": nbytes, "ranks": dist.get_world_size(), "layers": args.layers}, results)
-    ckpt = ckptd.Checkpointer(str(root / "ckptd"), state={"train": ckptd.TrainState(model, opt)},
-                              optimizers=[opt], every=args.every, memory_keep=0, handle_signals=False)
+    from ckptd.engine.config import CheckpointerConfig
+
+    threads = {"threads": args.ckptd_threads} if args.ckptd_threads else {}
+    config = CheckpointerConfig(uri=str(root / "ckptd"), every=args.every, memory_keep=0,
+                                handle_signals=False, **threads)
+    ckpt = ckptd.Checkpointer(state={"train": ckptd.TrainState(model, opt)}, optimizers=[opt], config=config)
     added_ckptd, added_dcp = rounds(args, model, opt, ckpt, root, results)
     durable_ckptd, durable_dcp = durable(args, model, opt, ckpt, root)
     ckpt.close()
@@ -225,7 +229,7 @@ def launch(args: argparse.Namespace) -> int:
                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             cmd = [sys.executable, __file__, "--worker", "--dir", str(tmp), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--every", str(args.every), "--repeats", str(args.repeats),
-                   "--rounds", str(args.rounds),
+                   "--rounds", str(args.rounds), "--ckptd-threads", str(args.ckptd_threads),
                    "--out", args.out]
             procs.append(subprocess.Popen(cmd, env=env))
         return max(p.wait() for p in procs)
@@ -239,6 +243,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="steps per timed loop")
     ap.add_argument("--every", type=int, default=2, help="checkpoint every N steps")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (baseline, ckptd, baseline, DCP) loops")
+    ap.add_argument("--ckptd-threads", type=int, default=0, help="ckptd's writer threads (0: its default)")
     ap.add_argument("--repeats", type=int, default=2, help="durable-time samples per system")
     ap.add_argument("--tmp", default=None, help="where checkpoints go (default: the system temp dir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))

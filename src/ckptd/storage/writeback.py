@@ -9,8 +9,8 @@ syncing them all together at the end, keeps the device busy from the first shard
 the journal batch the commits. Durability is unchanged: the final ``fdatasync`` of each file
 is still what a commit waits for. Same-run medians on our 2-core box (W1 state, 0.75 GB,
 benchmarks/results/w1-writeback-*.json), as a fraction of a raw fsync'd write of the same bytes:
-quiet, per-file ``fdatasync`` 0.87x, everything deferred 0.80x, this 0.91x; with another job
-on the cores, 0.68x, 0.62x and 0.87x.
+quiet (15 repeats), per-file ``fdatasync`` 0.855x, everything deferred 0.733x, this 0.868x;
+with another job on the cores, 0.68x, 0.62x and 0.87x: the gain is in holding up under load.
 
 Linux only (``sync_file_range(2)``); elsewhere :func:`start_writeback` does nothing and the
 final sync does all the work.
