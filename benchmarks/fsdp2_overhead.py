@@ -18,6 +18,7 @@ rank 0 writes benchmarks/results/fsdp2-overhead-<time>.json with the machine des
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -116,10 +117,21 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
     held_dcp: list[float] = []
     hook_wait = 0.0
     first = 2
+    phases = ("base", "ckptd", "base", "dcp", "base") + (("ckptd_b", "base") if args.ab_threads else ())
+    default_threads = [tier.config for tier in ckpt.stores]
     for _ in range(args.rounds):
         timed: list[float] = []
-        for phase in ("base", "ckptd", "base", "dcp", "base"):
+        for phase in phases:
             wait0 = ckpt.stager.hook_wait_s
+            if phase == "ckptd_b":  # the same checkpointer, its writers limited to --ab-threads
+                for tier, cfg in zip(ckpt.stores, default_threads, strict=True):
+                    tier.config = dataclasses.replace(cfg, threads=args.ab_threads)
+                timed.append(loop(model, opt, first, n, every, lambda s: ckpt.step(s)))
+                ckpt.wait()
+                for tier, cfg in zip(ckpt.stores, default_threads, strict=True):
+                    tier.config = cfg
+                first += n
+                continue
             if phase == "ckptd":
                 timed.append(loop(model, opt, first, n, every, lambda s: ckpt.step(s), held_ckptd))
                 hook_wait += ckpt.stager.hook_wait_s - wait0  # the optimizer's waits for lazy copies
@@ -132,7 +144,11 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
             if phase != "base":
                 (ckpt.wait if phase == "ckptd" else finish_dcp)()
                 rec[f"tail_wait_{phase}_s"].append(time.perf_counter() - t0)
-        before, with_c, middle, with_d, after = timed
+        before, with_c, middle, with_d, after = timed[:5]
+        if args.ab_threads:
+            with_b, last = timed[5:]
+            rec.setdefault("ckptd_b_s", []).append(with_b)
+            rec.setdefault("added_ckptd_b_s", []).append((with_b - (after + last) / 2) / saves)
         rec["baseline_s"] += [before, middle, after]
         rec["ckptd_s"].append(with_c)
         rec["dcp_async_s"].append(with_d)
@@ -230,6 +246,7 @@ def launch(args: argparse.Namespace) -> int:
             cmd = [sys.executable, __file__, "--worker", "--dir", str(tmp), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--every", str(args.every), "--repeats", str(args.repeats),
                    "--rounds", str(args.rounds), "--ckptd-threads", str(args.ckptd_threads),
+                   "--ab-threads", str(args.ab_threads),
                    "--out", args.out]
             procs.append(subprocess.Popen(cmd, env=env))
         return max(p.wait() for p in procs)
@@ -244,6 +261,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=2, help="checkpoint every N steps")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (baseline, ckptd, baseline, DCP) loops")
     ap.add_argument("--ckptd-threads", type=int, default=0, help="ckptd's writer threads (0: its default)")
+    ap.add_argument("--ab-threads", type=int, default=0,
+                    help="also run ckptd with this many writer threads in every round (same-run A/B)")
     ap.add_argument("--repeats", type=int, default=2, help="durable-time samples per system")
     ap.add_argument("--tmp", default=None, help="where checkpoints go (default: the system temp dir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
