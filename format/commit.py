@@ -32,6 +32,7 @@ from ckptd.format.errors import LayoutError
 from ckptd.format.lease import Lease
 from ckptd.format.manifest import MANIFEST_KEY, ArrayRecord, Manifest, PartRecord, RankState, Totals
 from ckptd.format.names import check_segment
+from ckptd.format.rank_array import rank_array_document, rank_array_key
 from ckptd.format.store import Store
 from ckptd.format.tally import Tally, expected_tally
 from ckptd.format.writer import ArrayReport, WriterReport
@@ -201,6 +202,8 @@ def publish(
     documents = _zarr_documents(manifest, prefix=f"{attempt}/", skip=set(documented))
     documents.update({page_key(attempt, i): raw for i, (_, raw) in enumerate(pages)})
     documents[meta_key(attempt, STATE_NAME)] = state_raw
+    if rank_state == "array":  # the ranks wrote their rows; the array's description comes with the rest
+        documents[rank_array_key(attempt, "zarr.json")] = rank_array_document(world_size)
     _write_all(store, documents)
     store.flush()
     if lease is not None:

@@ -23,8 +23,6 @@ from ckptd.format.rank_array import (
     ROW_BYTES,
     ROW_CODEC,
     encode_rank_chunk,
-    rank_array_document,
-    rank_array_key,
     rank_chunk_key,
 )
 from ckptd.format.run import Run, step_dir
@@ -51,7 +49,6 @@ def save(root: Path, step: int) -> str:
     step_store = run.checkpoint_store(step)
     for rank in SAVERS:
         step_store.write(rank_chunk_key(attempt, rank), encode_rank_chunk(attempt, rank, rng_of(step, rank)))
-    step_store.write(rank_array_key(attempt, "zarr.json"), [rank_array_document(WORLD)])
     step_store.flush()
     run.commit(step, [report], state={"w": {TAG: "tensor", "path": "w"}}, world_size=WORLD, attempt=attempt,
                rank_state="array")

@@ -31,7 +31,7 @@ from ckptd.format.errors import (
 )
 from ckptd.format.lease import Lease
 from ckptd.format.manifest import Manifest, Totals
-from ckptd.format.rank_array import encode_rank_chunk, rank_array_document, rank_array_key, rank_chunk_key
+from ckptd.format.rank_array import encode_rank_chunk, rank_chunk_key
 from ckptd.format.run import Run, step_dir
 from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
@@ -199,14 +199,9 @@ class StoreTier:
         # sync look for them; the engine's own bookkeeping goes under its key.
         metadata = {"metrics": snap.metrics, ENGINE_KEY: {"tier": self.config.kind}}
         t = gathered.tally
-        step_store = self.run.checkpoint_store(snap.step)
-        if gathered.rank_states:  # the lead writer describes the rank-state array, before the record
-            document = rank_array_document(self.coordinator.world_size)
-            step_store.write(rank_array_key(attempt, "zarr.json"), [document])
-            step_store.flush()
         totals = Totals(arrays=len(gathered.arrays), shards=t.shards, nbytes=t.nbytes,
                         stored_bytes=t.stored_bytes, writers=gathered.writers)
-        manifest = publish(step_store, step=snap.step, attempt=attempt,
+        manifest = publish(self.run.checkpoint_store(snap.step), step=snap.step, attempt=attempt,
                            arrays=gathered.arrays, state=snap.skeleton,
                            world_size=self.coordinator.world_size,
                            mesh=mesh, metadata=metadata, totals=totals,
