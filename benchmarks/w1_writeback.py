@@ -1,14 +1,15 @@
-"""When a local save waits for the device: three strategies, one run, against a raw fsync'd write.
+"""When a local save waits for the device: four strategies, one run, against a raw fsync'd write.
 
 ``LocalStore`` fsyncs every file before a commit. The shipped strategy starts each large
-file's writeback as soon as it is written (``sync_file_range``) and syncs every file together
-at the end (src/ckptd/storage/writeback.py). Compared, interleaved, on the W1 state:
+file's writeback as soon as it is written (``sync_file_range``) and fsyncs it on a background
+thread right after, beside the writers; small files are fsync'd together at the end
+(src/ckptd/storage/writeback.py). Compared, interleaved, on the W1 state:
 
 * ``raw``: one sequential file of the same bytes, written and fsync'd (the limit);
-* ``eager``: each large file fsync'd by its writer thread right after writing (the strategy
-  before this change), played by making the early start a full ``fdatasync``;
+* ``eager``: each large file fsync'd by its writer thread right after writing;
 * ``deferred``: nothing started early, every fsync at the end;
-* ``writeback``: the shipped strategy.
+* ``writeback``: writeback started early, every fsync at the end (shipped until 2026-12-02);
+* ``background``: the shipped strategy.
 
 Every measurement starts with an empty page cache and no dirty pages. Prints JSON lines;
 writes benchmarks/results/w1-writeback-<time>.json with the machine description.
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from w1_state import nbytes, w1_state
 
 import ckptd
 from ckptd.storage import local
+from ckptd.storage.writeback import BackgroundSync
 
 
 def eager(fd: int) -> bool:
@@ -48,6 +51,26 @@ def deferred(fd: int) -> bool:
     return False
 
 
+class SyncAtFlush(BackgroundSync):
+    """Large files fsync'd at flush, in parallel, like the small ones (no background thread)."""
+
+    def __init__(self, sync: Callable[[Path], None]) -> None:
+        super().__init__(sync)
+        self._paths: list[Path] = []
+
+    def soon(self, path: Path) -> None:
+        self._paths.append(path)
+
+    def wait(self) -> None:
+        paths, self._paths = self._paths, []
+        if paths:
+            with ThreadPoolExecutor(min(16, len(paths))) as pool:
+                list(pool.map(self._sync, paths))
+
+
+Strategy = tuple[Callable[[int], bool], type[BackgroundSync]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=0.5)
@@ -56,9 +79,10 @@ def main() -> None:
     args = ap.parse_args()
     state = w1_state(args.scale)
     bufs = flat_bytes(state)
-    shipped = local.start_writeback
-    strategies: dict[str, Callable[[int], bool] | None] = {
-        "raw": None, "eager": eager, "deferred": deferred, "writeback": shipped,
+    shipped: Strategy = (local.start_writeback, local.BackgroundSync)
+    strategies: dict[str, Strategy | None] = {
+        "raw": None, "eager": (eager, SyncAtFlush), "deferred": (deferred, SyncAtFlush),
+        "writeback": (shipped[0], SyncAtFlush), "background": shipped,
     }
     times: dict[str, list[float]] = {k: [] for k in strategies}
     with tempfile.TemporaryDirectory(dir=os.environ.get("CKPTD_BENCH_DIR")) as root:
@@ -66,16 +90,17 @@ def main() -> None:
         for r in range(args.repeats):
             order = list(strategies) if r % 2 == 0 else list(reversed(strategies))
             for name in order:
+                strategy = strategies[name]
                 drop_caches()
                 t0 = time.perf_counter()
-                if strategies[name] is None:
+                if strategy is None:
                     raw_write(f"{root}/raw.bin", bufs)
                 else:
-                    local.start_writeback = strategies[name]  # type: ignore[assignment]
+                    local.start_writeback, local.BackgroundSync = strategy  # type: ignore[assignment,misc]
                     try:
                         ckptd.save(state, f"{root}/{name}", step=r)
                     finally:
-                        local.start_writeback = shipped
+                        local.start_writeback, local.BackgroundSync = shipped  # type: ignore[assignment,misc]
                 times[name].append(time.perf_counter() - t0)
                 shutil.rmtree(f"{root}/{name}", ignore_errors=True)
                 Path(f"{root}/raw.bin").unlink(missing_ok=True)

@@ -123,7 +123,7 @@ class CheckpointWriter:
         self.chunk_bytes = chunk_bytes
         self._own_pool = executor is None
         self._pool = executor or ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptd-write")
-        self._futures: list[Future[None]] = []
+        self._futures: list[Future[Any]] = []
         self._lock = threading.Lock()
         self._report = WriterReport(rank)
 
@@ -166,10 +166,17 @@ class CheckpointWriter:
             elif rep.dtype != dtype or rep.shape != gshape:
                 raise LayoutError(f"{path}: written twice with different dtype or shape")
             rep.lead = rep.lead or lead
-            if box.is_empty() and plan.kind == "pieces":
-                return  # an empty box (a short trailing ZeRO shard) stores nothing
-            part = plan.part_for(box)
-            rep.parts.setdefault(part.index, PartRecord(part.offset, part.shape, part.grid, part.chunks, ()))
+            document = rep.lead and path not in self._report.documented
+            if document:
+                self._report.documented.add(path)
+            if not (box.is_empty() and plan.kind == "pieces"):
+                part = plan.part_for(box)
+                rep.parts.setdefault(part.index,
+                                     PartRecord(part.offset, part.shape, part.grid, part.chunks, ()))
+        if document:
+            self._document(path, rep)
+        if box.is_empty() and plan.kind == "pieces":
+            return  # an empty box (a short trailing ZeRO shard) stores nothing
         data = tensor_to_numpy(tensor)
         array_key = path if plan.kind != "pieces" else f"{path}/piece-{part.index:05d}"
         for coords in self._shards_of(plan, part, box):
@@ -241,11 +248,6 @@ class CheckpointWriter:
             except BaseException as e:  # keep draining so no thread writes after we return
                 error = error or e
         self._futures.clear()
-        if error is None:
-            try:
-                self._document_leads()
-            except BaseException as e:
-                error = e
         if self._own_pool:
             self._pool.shutdown(wait=True)
         if error is not None:
@@ -259,24 +261,19 @@ class CheckpointWriter:
         return self._report
 
 
-    def _document_leads(self) -> None:
-        """``zarr.json`` of the arrays whose first box this writer owns (format v2: every array's
-        metadata is written by exactly one writer, in parallel with the others)."""
+    def _document(self, path: str, rep: ArrayReport) -> None:
+        """Schedule the ``zarr.json`` of an array whose first box this writer owns (format v2: every
+        array's metadata is written by exactly one writer, in parallel with the others).
+
+        Scheduled when the array is added, beside its shards: written after the last shard they
+        were hundreds of small serial writes on the critical path of every save (0.07 s of a
+        1.3 s W1 save on our 2-core box)."""
         from ckptd.format.zarr_meta import ZARR_JSON, array_document
 
-        # Written by the shard pool: hundreds of small serial writes after the last shard would
-        # otherwise sit on the critical path of every save.
-        writes = []
-        for path, a in self._report.arrays.items():
-            if not a.lead or a.plan is None:
-                continue
-            rec = a.record(path)
-            for i, part in enumerate(rec.parts):
-                doc = array_document(rec, part, i)
-                writes.append(self._pool.submit(self.store.write, f"{rec.part_key(i)}/{ZARR_JSON}", [doc]))
-            self._report.documented.add(path)
-        for f in writes:
-            f.result()
+        rec = rep.record(path)
+        for i, part in enumerate(rec.parts):
+            doc = array_document(rec, part, i)
+            self._futures.append(self._pool.submit(self.store.write, f"{rec.part_key(i)}/{ZARR_JSON}", [doc]))
 
 
 def write_state(

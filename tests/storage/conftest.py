@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,21 @@ def synced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
 
         def record(fd: int, real=real) -> None:  # type: ignore[no-untyped-def]
             seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        monkeypatch.setattr(os, name, record)
+    yield seen
+
+
+@pytest.fixture()
+def synced_by(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[Path, str]]]:
+    """Paths fsync'd, each with the name of the thread that synced it; the real calls are made."""
+    seen: list[tuple[Path, str]] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def record(fd: int, real=real) -> None:  # type: ignore[no-untyped-def]
+            seen.append((Path(os.readlink(f"/proc/self/fd/{fd}")), threading.current_thread().name))
             real(fd)
 
         monkeypatch.setattr(os, name, record)

@@ -9,7 +9,9 @@ in milliseconds, so the fast mutation run catches a store that stops syncing.
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,16 +37,37 @@ def test_flush_syncs_every_written_file_and_every_new_directory(tmp_path: Path, 
     assert synced == []  # nothing new: nothing to sync again
 
 
-def test_a_large_write_starts_its_writeback_at_once_and_is_synced_with_the_rest(
-    tmp_path: Path, synced: list[Path], writeback_started: list[Path]
+def test_a_large_write_starts_its_writeback_at_once_and_is_synced_beside_the_writers(
+    tmp_path: Path, synced_by: list[tuple[Path, str]], writeback_started: list[Path]
 ) -> None:
     store = LocalStore(tmp_path)
     store.write("big", [b"\0" * WRITEBACK_BYTES])
     store.write("small", [b"\0" * (WRITEBACK_BYTES - 1)])
     assert writeback_started == [tmp_path / "big"]  # the device gets it while the writer fills the next file
-    assert synced == []  # nobody waits for the device inside a writer thread
     store.flush()
-    assert {tmp_path / "big", tmp_path / "small"} <= set(synced)
+    threads = dict(synced_by)
+    # Nobody waits for the device inside a writer thread: the large file is synced by the store's
+    # background thread, the small one with the rest at flush, and both before flush returns.
+    assert threads[tmp_path / "big"].startswith("ckptd-sync")
+    assert tmp_path / "small" in threads and threads[tmp_path / "small"] != threading.current_thread().name
+
+
+def test_a_failed_background_sync_is_raised_by_flush_and_the_next_save_starts_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+    real = os.fdatasync
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full_disk)
+    store.write("big", [b"\0" * WRITEBACK_BYTES])
+    with pytest.raises(OSError, match="No space left"):
+        store.flush()
+    monkeypatch.setattr(os, "fdatasync", real)
+    store.write("again", [b"\0" * WRITEBACK_BYTES])
+    store.flush()  # the failure was reported once; it does not poison the store
 
 
 def test_starting_writeback_is_best_effort(tmp_path: Path) -> None:
@@ -85,3 +108,31 @@ def test_fsync_false_syncs_nothing(tmp_path: Path, synced: list[Path]) -> None:
     store.flush()
     store.write_exclusive("a/manifest.json", b"{}")
     assert synced == [] and (tmp_path / "a/manifest.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("size", [1, WRITEBACK_BYTES])
+def test_files_deleted_before_they_are_synced_do_not_fail_the_next_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    # A failed attempt (a full disk) leaves written files behind; its cleanup deletes them before
+    # they are synced. The next save's flush must neither fail on them nor skip its own files.
+    from ckptd.storage import local
+
+    deleted = threading.Event()
+    synced: list[Path] = []
+    real = local._fsync_file
+
+    def after_the_cleanup(p: Path) -> None:  # the background sync loses the race to the cleanup
+        deleted.wait(timeout=10)
+        real(p)
+        synced.append(p)
+
+    monkeypatch.setattr(local, "_fsync_file", after_the_cleanup)
+    store = LocalStore(tmp_path / "run")
+    failed = store.child("step_1")
+    failed.write("a-1/w/c.0", [b"\0" * size])
+    failed.delete_prefix("a-1")
+    deleted.set()
+    store.write("step_2/w/c.0", [b"\1" * size])
+    store.flush()
+    assert synced == [tmp_path / "run/step_2/w/c.0"]

@@ -20,12 +20,13 @@ from pathlib import Path
 from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
 from ckptd.storage.errors import map_exceptions
-from ckptd.storage.writeback import start_writeback
+from ckptd.storage.writeback import BackgroundSync, is_within, start_writeback
 
 _IOV_MAX = 512
-# Files at least this big start their writeback as soon as they are written (writeback.py);
-# every file is fsync'd by flush(), together and in parallel — hundreds of serial fsyncs
-# (biases, zarr.json) or one wait per shard in the writer threads would dominate a save.
+# Files at least this big start their writeback as soon as they are written and are fsync'd by a
+# background thread right after (writeback.py); smaller ones are fsync'd by flush(), together and
+# in parallel — hundreds of serial fsyncs (biases, zarr.json) or one wait per shard in the writer
+# threads would dominate a save.
 WRITEBACK_BYTES = 1 << 20
 _FLUSH_THREADS = 16
 
@@ -37,6 +38,7 @@ class LocalStore:
         self._new_dirs: set[Path] = set()
         self._unsynced: list[Path] = []
         self._lock = threading.Lock()
+        self._syncing = BackgroundSync(_fsync_file)
 
     # -------------------------------------------------------------- paths
     @property
@@ -64,6 +66,7 @@ class LocalStore:
     def child(self, prefix: str) -> LocalStore:
         c = LocalStore(self._path(prefix), fsync=self.fsync)
         c._new_dirs, c._unsynced, c._lock = self._new_dirs, self._unsynced, self._lock  # shared bookkeeping
+        c._syncing = self._syncing
         return c
 
     def _makedirs(self, d: Path) -> None:
@@ -95,9 +98,10 @@ class LocalStore:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 total = _writev_all(fd, data)
-                if self.fsync:
-                    if total >= WRITEBACK_BYTES:
-                        start_writeback(fd)
+                if self.fsync and total >= WRITEBACK_BYTES:
+                    start_writeback(fd)
+                    self._syncing.soon(path)
+                elif self.fsync:
                     with self._lock:
                         self._unsynced.append(path)
             finally:
@@ -120,10 +124,19 @@ class LocalStore:
         if files:
             with ThreadPoolExecutor(min(_FLUSH_THREADS, len(files))) as pool:
                 list(pool.map(_fsync_file, files))
+        self._syncing.wait()  # large files: most were made durable while the writers went on
         if dirs:
             # Every directory must be durable before the manifest; their order does not matter.
             with ThreadPoolExecutor(min(_FLUSH_THREADS, len(dirs))) as pool:
                 list(pool.map(_fsync_dir, dirs))
+
+    def _forget(self, under: Path) -> None:
+        """What is deleted needs no sync: without this, the next save's flush would fail on the
+        files of a failed attempt that its cleanup removed (a full disk, then any later save)."""
+        with self._lock:
+            self._unsynced[:] = [p for p in self._unsynced if not is_within(p, under)]
+            self._new_dirs.difference_update([d for d in self._new_dirs if is_within(d, under)])
+        self._syncing.forget(under)
 
     def write_atomic(self, key: str, data: bytes) -> None:
         self._publish(key, data, exclusive=False)
@@ -210,17 +223,20 @@ class LocalStore:
         return newest
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
+        self._forget(path)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
         except IsADirectoryError:
-            shutil.rmtree(self._path(key), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
 
     def delete_prefix(self, prefix: str) -> None:
         p = self._path(prefix)
         if p == self.root and not prefix:
             raise StorageError("refusing to delete a whole store root")
+        self._forget(p)
         shutil.rmtree(p, ignore_errors=True)
         if p.exists():
             raise StorageError(f"could not delete {p}")
