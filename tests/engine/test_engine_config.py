@@ -108,37 +108,3 @@ def test_missing_checkpoints_raise_not_found(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="aliases live in the catalog"):
             ck.restore(select="golden")
         assert ck.restore(select="best:loss") == 4
-
-
-@pytest.mark.parametrize(("cores", "expected"), [(1, 2), (2, 2), (6, 6), (64, 8)])
-def test_local_tiers_default_to_one_writer_per_core_and_remote_tiers_to_eight(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cores: int, expected: int
-) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
-    assert TierConfig.durable(str(tmp_path / "run")).writer_threads() == expected
-    assert TierConfig.durable("s3://bucket/run").writer_threads() == 8
-    assert TierConfig.durable(str(tmp_path / "run"), threads=5).writer_threads() == 5  # as given
-
-
-def test_a_save_writes_with_the_default_number_of_writer_threads(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    import threading
-
-    from ckptd.format import writer as writer_module
-
-    monkeypatch.setattr("os.cpu_count", lambda: 3)
-    seen: set[str] = set()
-    real = writer_module.CheckpointWriter._write_shard
-
-    def record(self: writer_module.CheckpointWriter, *args: object, **kwargs: object) -> None:
-        seen.add(threading.current_thread().name)
-        real(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(writer_module.CheckpointWriter, "_write_shard", record)
-    state = {f"w{i}": torch.full((256,), float(i)) for i in range(64)}
-    with ckptd.Checkpointer(str(tmp_path / "run"), state=state, every=1, memory_keep=0,
-                            handle_signals=False) as ck:
-        ck.save(1)
-        ck.wait()
-    assert 1 <= len(seen) <= 3 and all(n.startswith("ckptd-write") for n in seen)

@@ -79,9 +79,8 @@ class TierConfig:
     retention: Retention = field(default_factory=Retention)
     codec: CodecSpec | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    threads: int | None = None
-    """Encode/write threads of this tier's writer (compression and file I/O release the GIL).
-    None: see :meth:`writer_threads`."""
+    threads: int = 8
+    """Encode/write threads of this tier's writer (compression and file I/O release the GIL)."""
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -103,19 +102,6 @@ class TierConfig:
     @property
     def name(self) -> str:
         return self.kind if self.kind == "memory" else f"{self.kind}:{self.uri}"
-
-    def writer_threads(self) -> int:
-        """``threads``, or by default: 8 for a remote tier (its requests wait on the network), one
-        per core from 2 to 8 for a local one. A local save is copying into the page cache, which
-        is CPU work; on a machine the training ranks already fill, more writers than cores only
-        take more time from the loop. Same-run A/B on 2 cores, 2 FSDP2 ranks, 1.1 GB state
-        (benchmarks/fsdp2_overhead.py --ab-threads 2): loop time added per checkpoint, as a
-        fraction of ``dcp.async_save``'s, 8 writers 0.98x and 0.97x, 2 writers 0.87x and 0.72x."""
-        if self.threads is not None:
-            return self.threads
-        if self.kind == "remote":
-            return 8
-        return max(2, min(8, os.cpu_count() or 2))
 
     @staticmethod
     def memory(*, every: int | None = None, every_seconds: float | None = None,
@@ -220,8 +206,7 @@ class CheckpointerConfig:
     """Extra tiers (e.g. a fast local disk beside an S3 run root), each with its own policy."""
     codec: CodecSpec | str | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    threads: int | None = None
-    """Writer threads of the run root's tier (None: ``TierConfig.writer_threads``' default)."""
+    threads: int = 8
     storage_options: dict[str, Any] | None = None
     host_budget_bytes: int | None = None
     """Upper bound of the (pinned) host pool; None: as many snapshot slots as the tiers need."""

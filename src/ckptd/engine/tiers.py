@@ -171,7 +171,7 @@ class StoreTier:
     def _write(self, snap: Snapshot, attempt: str, rank: int, world: int) -> WriterReport:
         cfg = self.config
         writer = CheckpointWriter(self.run.attempt_store(snap.step, attempt), rank=rank, codec=cfg.codec,
-                                  chunk_bytes=cfg.chunk_bytes, threads=cfg.writer_threads())
+                                  chunk_bytes=cfg.chunk_bytes, threads=cfg.threads)
         for path in snap.paths:
             spec = snap.specs.get(path)
             tensor = snap.host[path]
