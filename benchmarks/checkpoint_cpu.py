@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe
+from machine import write_results
 from w1_format import drop_caches
 
 import ckptd
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=11, help="Linear(2048, 2048) layers: 11 = 0.55 GB of state")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[8, 2], help="ckptd writer threads to compare")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=None, help="result file (default: results/checkpoint-cpu-<time>.json)")
     args = ap.parse_args()
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -122,11 +122,7 @@ def main() -> None:
                      "cpu_vs_dcp_async": round(cpu / dcp_cpu, 3),
                      "runs": [[round(c, 3), round(w, 3)] for c, w in runs]})
         print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    with open(out / f"checkpoint-cpu-{stamp}.json", "w") as f:
-        json.dump({"machine": describe(), "args": vars(args), "results": rows}, f, indent=1)
+    write_results("checkpoint-cpu", args.out, vars(args), rows)
 
 
 if __name__ == "__main__":

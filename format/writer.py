@@ -158,6 +158,7 @@ class CheckpointWriter:
         )
         codec = CodecSpec() if plan.kind == "scalar" else self.codec
         lead = not any(box.offset) and (not box.is_empty() or math.prod(gshape) == 0)
+        stores_nothing = box.is_empty() and plan.kind == "pieces"  # a short trailing ZeRO shard
         with self._lock:
             rep = self._report.arrays.get(path)
             if rep is None:
@@ -169,14 +170,14 @@ class CheckpointWriter:
             document = rep.lead and path not in self._report.documented
             if document:
                 self._report.documented.add(path)
-            if not (box.is_empty() and plan.kind == "pieces"):
+            if not stores_nothing:
                 part = plan.part_for(box)
                 rep.parts.setdefault(part.index,
                                      PartRecord(part.offset, part.shape, part.grid, part.chunks, ()))
         if document:
             self._document(path, rep)
-        if box.is_empty() and plan.kind == "pieces":
-            return  # an empty box (a short trailing ZeRO shard) stores nothing
+        if stores_nothing:
+            return
         data = tensor_to_numpy(tensor)
         array_key = path if plan.kind != "pieces" else f"{path}/piece-{part.index:05d}"
         for coords in self._shards_of(plan, part, box):

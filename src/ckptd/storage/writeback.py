@@ -8,11 +8,12 @@ large file's writeback is started as soon as it is written (:func:`start_writeba
 background thread (:class:`BackgroundSync`) ``fdatasync``s it right after, while the writers
 fill the next files; small files are synced together at the end. Durability is unchanged: a
 commit still waits for every file's ``fdatasync``. Same-run medians on our 2-core box (W1
-state, 0.75 GB, benchmarks/results/w1-writeback-*.json) as a fraction of a raw fsync'd write of
-the same bytes, 9 repeats: per-file ``fdatasync`` in the writer 0.87x, everything at the end
-0.73x, writeback started early but synced at the end 0.90x, this 1.07x. Measured at the
-flush: with writeback started early, under 25 MB of 0.75 GB was still dirty or in flight, yet
-the end-only syncs took 0.7 s — the device's cache flushes, now mostly done beside the writers.
+state, 0.75 GB, benchmarks/results/w1-writeback-20261202T102628Z.json, 15 repeats) as a
+fraction of a raw fsync'd write of the same bytes: per-file ``fdatasync`` in the writer 0.89x,
+everything at the end 0.77x, writeback started early but synced at the end 0.88x, this 0.99x.
+Measured at the flush: with writeback started early, under 25 MB of 0.75 GB was still dirty or
+in flight, yet the end-only syncs took 0.7 s — the device's cache flushes, now mostly done
+beside the writers.
 
 Linux only (``sync_file_range(2)``); elsewhere :func:`start_writeback` does nothing and the
 syncs do all the work.
@@ -62,8 +63,8 @@ class BackgroundSync:
     device cache flush and journal commit that make it durable) used to wait for ``flush()``,
     after the last shard. Issuing them one by one beside the writers, on a thread that nothing
     else waits for, overlaps that work with the rest of the save; one thread keeps the device
-    queue ordered (two or four threads measured no better). Small files stay in ``flush()``'s
-    parallel batch, where one journal commit serves many of them.
+    queue ordered (two or four did no better in a quick A/B, not kept in results). Small files
+    stay in ``flush()``'s parallel batch, where one journal commit serves many of them.
     """
 
     def __init__(self, sync: Callable[[Path], None]) -> None:
