@@ -172,31 +172,61 @@ def trace(argv: list[str], root: Path, *, cwd: Path, timeout: float = 300) -> tu
     return parse(log.read_text(), root, copy.deepcopy(before), cwd=cwd), before
 
 
-def _merged_lines(text: str) -> list[str]:
-    """Whole syscall lines: a call another thread interrupted is joined with its ``resumed`` half."""
-    pending: dict[str, str] = {}
+@dataclass(frozen=True)
+class Call:
+    """One whole syscall line, with where its two halves sit in the log.
+
+    Why both: with ``-f`` strace prints a call when it handles the call's stops, and a thread's
+    stop may be handled after another thread's later call. The kernel did the work somewhere
+    between ``entry`` (the line where the call began, or its own line when it was printed whole)
+    and ``exit``; the log's order is the order of the exits only.
+    """
+
+    entry: int
+    exit: int
+    text: str
+
+
+def _merged_lines(text: str) -> list[Call]:
+    """Whole syscall lines in exit order: a call another thread interrupted is joined with its
+    ``resumed`` half."""
+    pending: dict[str, tuple[int, str]] = {}
     out = []
-    for line in text.splitlines():
+    for i, line in enumerate(text.splitlines()):
         pid, _, rest = line.partition(" ")
         rest = rest.lstrip()
         if rest.endswith("<unfinished ...>"):
-            pending[pid] = rest.removesuffix("<unfinished ...>").rstrip()
+            pending[pid] = (i, rest.removesuffix("<unfinished ...>").rstrip())
         elif rest.startswith("<... "):
             head = pending.pop(pid, None)
             if head is None:
                 raise TraceError(f"resumed call without its start: {line!r}")
-            out.append(f"{pid} {head}{rest.split('resumed>', 1)[1]}")
+            out.append(Call(head[0], i, f"{pid} {head[1]}{rest.split('resumed>', 1)[1]}"))
         elif rest and not rest.startswith(("+++", "---")):
-            out.append(f"{pid} {rest}")
+            out.append(Call(i, i, f"{pid} {rest}"))
     return out
 
 
+@dataclass
+class _Fd:
+    inode: int
+    position: int
+    opened: int  # the log line where the open (or dup) that made this fd returned
+
+
 def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
-    """Turn a strace log into ops on ``root``; ``model`` (the tree before) is advanced as it goes."""
+    """Turn a strace log into ops on ``root``; ``model`` (the tree before) is advanced as it goes.
+
+    Two cross-thread orders are repaired from the halves of split lines (see :class:`Call`):
+    a ``close`` that began before the open that reused its number returned refers to the older
+    file, and a ``mkdir`` whose result another thread used before the ``mkdir``'s own exit was
+    logged (its ``EEXIST``, then a file inside) is applied first.
+    """
     root_s = os.path.realpath(root)
-    fds: dict[str, tuple[int, int]] = {}  # fd -> (inode, file position); one table per process
-    opened_as: dict[str, str] = {}  # fd -> the path it was opened as
+    fds: dict[str, _Fd] = {}  # one table for the whole process: threads share it
     ops: list[Op] = []
+    calls = _merged_lines(text)
+    done: set[int] = set()
 
     def rel(path: str) -> str | None:
         p = os.path.normpath(path)
@@ -208,99 +238,126 @@ def parse(text: str, root: Path, model: FsModel, *, cwd: Path) -> list[Op]:
         model.apply(op)
         ops.append(op)
 
-    def split(rel_path: str) -> tuple[int, str]:
-        head, _, name = rel_path.rpartition("/")
-        return model.lookup(head), name
+    def close(fd_arg: str, call: Call) -> None:
+        fd = fd_arg.partition("<")[0]
+        if fd in fds and fds[fd].opened > call.entry:
+            return  # the number was reused by an open that returned after this close began
+        fds.pop(fd, None)
 
-    for line in _merged_lines(text):
-        m = _LINE.match(line)
+    def split(rel_path: str, now: int) -> tuple[int, str]:
+        head, _, name = rel_path.rpartition("/")
+        try:
+            return model.lookup(head), name
+        except KeyError:
+            _mkdir_early(head, now)
+            return model.lookup(head), name
+
+    def _mkdir_early(missing: str, now: int) -> None:
+        """Apply the logged-later ``mkdir`` of each missing directory on the way to ``missing``,
+        outermost first, each one that began before call ``now`` ended; raise if there is none."""
+        parts = missing.split("/")
+        for depth in range(1, len(parts) + 1):
+            want = "/".join(parts[:depth])
+            try:
+                model.lookup(want)
+                continue
+            except KeyError:
+                pass
+            for j in range(now + 1, len(calls)):
+                c = calls[j]
+                m = _LINE.match(c.text)
+                if j in done or c.entry > calls[now].exit or m is None:
+                    continue
+                if m.group(2) not in ("mkdir", "mkdirat") or m.group(4) == "?" or int(m.group(4)) < 0:
+                    continue
+                if rel(_paths([a.strip() for a in _split_args(m.group(3))], str(cwd))[0]) == want:
+                    done.add(j)
+                    handle(j)
+                    break
+            else:
+                raise TraceError(f"call {calls[now].text!r} names {missing!r}, which no mkdir made")
+
+    def handle(i: int) -> None:
+        call = calls[i]
+        m = _LINE.match(call.text)
         if m is None:
-            continue
-        _, call, args, ret, ret_path, _ = m.groups()
+            return
+        _, name, args, ret, ret_path, _ = m.groups()
         if ret == "?" or int(ret) < 0:
-            continue
+            return
         argv = [a.strip() for a in _split_args(args)]
         paths = _paths(argv, str(cwd))  # absolute paths named by the call (dirfd + name resolved)
         fd_m = _FD.match(argv[0]) if argv else None
         fd_path = fd_m.group(2) if fd_m and fd_m.group(1) != "AT_FDCWD" else None
         touched = [r for r in (rel(p) for p in paths + ([fd_path] if fd_path else [])) if r is not None]
-        if call in ("sync", "syncfs"):
+        if name in ("sync", "syncfs"):
             emit(Op("sync", ""))
-            continue
+            return
         if not touched:
-            if call == "close":
-                _close(fds, argv[0], opened_as)
-            continue
-        if call in UNSUPPORTED:
-            raise TraceError(f"the model cannot replay {call} on the traced tree: {line}")
-        if call in ("open", "openat", "creat"):
+            if name == "close":
+                close(argv[0], call)
+            return
+        if name in UNSUPPORTED:
+            raise TraceError(f"the model cannot replay {name} on the traced tree: {call.text}")
+        if name in ("open", "openat", "creat"):
             r = rel(ret_path or "")
             if r is None:
-                continue
-            flags = argv[2] if call == "openat" else (argv[1] if call == "open" else "O_CREAT|O_TRUNC")
+                return
+            flags = argv[2] if name == "openat" else (argv[1] if name == "open" else "O_CREAT|O_TRUNC")
             try:
                 ino = model.lookup(r)
                 if "O_TRUNC" in flags and model.extents.get(ino):
-                    raise TraceError(f"truncating existing data is not modelled: {line}")
+                    raise TraceError(f"truncating existing data is not modelled: {call.text}")
             except KeyError:
-                parent, name = split(r)
+                parent, base = split(r, i)
                 ino = len(model.kinds)
-                emit(Op("create", r, inode=ino, parent=parent, name=name))
-            fds[ret] = (ino, 0)
-            opened_as[ret] = ret_path or ""
-        elif call in ("write", "writev", "pwrite64", "pwritev", "pwritev2"):
-            key = argv[0].split("<")[0]
-            ino, pos = fds[key]
-            offset = int(argv[3]) if call in ("pwrite64", "pwritev", "pwritev2") else pos
+                emit(Op("create", r, inode=ino, parent=parent, name=base))
+            fds[ret] = _Fd(ino, 0, call.exit)
+        elif name in ("write", "writev", "pwrite64", "pwritev", "pwritev2"):
+            f = fds[argv[0].split("<")[0]]
+            offset = int(argv[3]) if name in ("pwrite64", "pwritev", "pwritev2") else f.position
             if int(ret):
-                emit(Op("write", touched[0], inode=ino, offset=offset, length=int(ret)))
-            if call in ("write", "writev"):
-                fds[key] = (ino, pos + int(ret))
-        elif call == "sync_file_range":
+                emit(Op("write", touched[0], inode=f.inode, offset=offset, length=int(ret)))
+            if name in ("write", "writev"):
+                f.position += int(ret)
+        elif name == "sync_file_range":
             # Starts writeback early (storage/writeback.py) but promises nothing: no metadata, no
             # device cache flush. Modelled as nothing, so durability must come from an fsync.
             pass
-        elif call in ("fsync", "fdatasync"):
-            emit(Op("fsync", touched[0], inode=fds[argv[0].split("<")[0]][0]))
-        elif call == "close":
-            _close(fds, argv[0], opened_as)
-        elif call == "lseek":
-            key = argv[0].split("<")[0]
-            fds[key] = (fds[key][0], int(ret))
-        elif call in ("dup", "dup2", "dup3", "fcntl"):
-            if call != "fcntl" or "F_DUPFD" in argv[1]:
-                fds[ret] = fds[argv[0].split("<")[0]]
-                opened_as[ret] = opened_as.get(argv[0].split("<")[0], "")
-        elif call in ("mkdir", "mkdirat"):
+        elif name in ("fsync", "fdatasync"):
+            emit(Op("fsync", touched[0], inode=fds[argv[0].split("<")[0]].inode))
+        elif name == "close":
+            close(argv[0], call)
+        elif name == "lseek":
+            fds[argv[0].split("<")[0]].position = int(ret)
+        elif name in ("dup", "dup2", "dup3", "fcntl"):
+            if name != "fcntl" or "F_DUPFD" in argv[1]:
+                src = fds[argv[0].split("<")[0]]
+                fds[ret] = _Fd(src.inode, src.position, call.exit)
+        elif name in ("mkdir", "mkdirat"):
             r = rel(paths[0])
             assert r is not None
-            parent, name = split(r)
-            emit(Op("mkdir", r, inode=len(model.kinds), parent=parent, name=name))
-        elif call in ("rename", "renameat", "renameat2", "link", "linkat"):
-            src, dst = rel(paths[0]), rel(paths[1])
-            if src is None or dst is None:
-                raise TraceError(f"{call} across the traced tree's boundary: {line}")
-            sp, sn = split(src)
-            dp, dn = split(dst)
-            kind = "link" if call.startswith("link") else "rename"
-            emit(Op(kind, dst, inode=model.entries[sp][sn], parent=dp, name=dn, src_parent=sp, src_name=sn))
-        elif call in ("unlink", "unlinkat", "rmdir"):
+            parent, base = split(r, i)
+            emit(Op("mkdir", r, inode=len(model.kinds), parent=parent, name=base))
+        elif name in ("rename", "renameat", "renameat2", "link", "linkat"):
+            src_r, dst_r = rel(paths[0]), rel(paths[1])
+            if src_r is None or dst_r is None:
+                raise TraceError(f"{name} across the traced tree's boundary: {call.text}")
+            sp, sn = split(src_r, i)
+            dp, dn = split(dst_r, i)
+            kind = "link" if name.startswith("link") else "rename"
+            emit(Op(kind, dst_r, inode=model.entries[sp][sn], parent=dp, name=dn, src_parent=sp, src_name=sn))
+        elif name in ("unlink", "unlinkat", "rmdir"):
             r = rel(paths[0])
             assert r is not None
-            parent, name = split(r)
-            kind = "rmdir" if call == "rmdir" or "AT_REMOVEDIR" in line else "unlink"
-            emit(Op(kind, r, inode=model.entries[parent].get(name, -1), parent=parent, name=name))
+            parent, base = split(r, i)
+            kind = "rmdir" if name == "rmdir" or "AT_REMOVEDIR" in call.text else "unlink"
+            emit(Op(kind, r, inode=model.entries[parent].get(base, -1), parent=parent, name=base))
+
+    for i in range(len(calls)):
+        if i not in done:
+            handle(i)
     return ops
-
-
-def _close(fds: dict[str, tuple[int, int]], arg: str, opened_as: dict[str, str]) -> None:
-    """Forget a closed fd, unless the number already names a newer file: another thread's open
-    may reuse the number and be logged before this close's return is."""
-    fd, _, path = arg.partition("<")
-    if fd in opened_as and opened_as[fd] != path.removesuffix(">"):
-        return
-    fds.pop(fd, None)
-    opened_as.pop(fd, None)
 
 
 def _split_args(args: str) -> list[str]:
