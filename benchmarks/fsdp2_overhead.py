@@ -117,19 +117,20 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
     held_dcp: list[float] = []
     hook_wait = 0.0
     first = 2
-    phases = ("base", "ckptd", "base", "dcp", "base") + (("ckptd_b", "base") if args.ab_threads else ())
+    variant = ab_variant(args)
+    phases = ("base", "ckptd", "base", "dcp", "base") + (("ckptd_b", "base") if variant else ())
     default_threads = [tier.config for tier in ckpt.stores]
     for round_ in range(args.rounds):
         timed: list[float] = []
         # The A/B variant runs in the sixth loop in even rounds and in the second in odd ones: a
         # loop's place in the round changes what it measures (3 runs with the variant always
         # sixth favoured whichever variant was there).
-        swap = bool(args.ab_threads) and round_ % 2 == 1
+        swap = bool(variant) and round_ % 2 == 1
         for phase in phases:
             wait0 = ckpt.stager.hook_wait_s
-            if phase in ("ckptd", "ckptd_b") and (phase == "ckptd_b") != swap:  # the --ab-threads variant
+            if phase in ("ckptd", "ckptd_b") and (phase == "ckptd_b") != swap:  # the --ab variant
                 for tier, cfg in zip(ckpt.stores, default_threads, strict=True):
-                    tier.config = dataclasses.replace(cfg, threads=args.ab_threads)
+                    tier.config = dataclasses.replace(cfg, **variant)
             if phase == "ckptd_b":
                 timed.append(loop(model, opt, first, n, every, lambda s: ckpt.step(s)))
                 ckpt.wait()
@@ -154,7 +155,7 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
                     tier.config = cfg
         before, with_c, middle, with_d, after = timed[:5]
         added_c = (with_c - (before + middle) / 2) / saves
-        if args.ab_threads:
+        if variant:
             with_b, last = timed[5:]
             added_b = (with_b - (after + last) / 2) / saves
             if swap:
@@ -166,7 +167,8 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
         rec["dcp_async_s"].append(with_d)
         rec["added_ckptd_s"].append(added_c)
         rec["added_dcp_s"].append((with_d - (middle + after) / 2) / saves)
-    emit({"what": "loop", "steps": n, "checkpoints_per_loop": saves, "rounds": args.rounds, **rec}, results)
+    emit({"what": "loop", "steps": n, "checkpoints_per_loop": saves, "rounds": args.rounds,
+          "variant": variant, **rec}, results)
     # The loop difference above is what the target is defined on; on a shared, noisy machine the
     # baselines alone can differ by more than a checkpoint costs, so the time the loop was held
     # inside the checkpoint calls (plus, for ckptd, the optimizer hook's waits) is reported too.
@@ -175,6 +177,15 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
     emit({"what": "blocked", "ckptd_per_checkpoint_s": blocked_ckptd, "ckptd_hook_wait_s": hook_wait,
           "dcp_async_per_checkpoint_s": blocked_dcp, "ratio": blocked_ckptd / blocked_dcp}, results)
     return rec["added_ckptd_s"], rec["added_dcp_s"]
+
+
+def ab_variant(args: argparse.Namespace) -> dict[str, int]:
+    """The tier settings of the A/B variant: ``--ab threads=2,nice=19`` (``--ab-threads N`` is
+    ``--ab threads=N``)."""
+    variant = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.ab.split(",") if kv)}
+    if args.ab_threads:
+        variant["threads"] = args.ab_threads
+    return variant
 
 
 def durable(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, ckpt: ckptd.Checkpointer,
@@ -258,7 +269,7 @@ def launch(args: argparse.Namespace) -> int:
             cmd = [sys.executable, __file__, "--worker", "--dir", str(tmp), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--every", str(args.every), "--repeats", str(args.repeats),
                    "--rounds", str(args.rounds), "--ckptd-threads", str(args.ckptd_threads),
-                   "--ab-threads", str(args.ab_threads),
+                   "--ab-threads", str(args.ab_threads), "--ab", args.ab,
                    "--out", args.out]
             procs.append(subprocess.Popen(cmd, env=env))
         return max(p.wait() for p in procs)
@@ -275,6 +286,8 @@ def main() -> None:
     ap.add_argument("--ckptd-threads", type=int, default=0, help="ckptd's writer threads (0: its default)")
     ap.add_argument("--ab-threads", type=int, default=0,
                     help="also run ckptd with this many writer threads in every round (same-run A/B)")
+    ap.add_argument("--ab", default="",
+                    help="also run ckptd with these tier settings every round (same-run A/B), e.g. threads=2")
     ap.add_argument("--repeats", type=int, default=2, help="durable-time samples per system")
     ap.add_argument("--tmp", default=None, help="where checkpoints go (default: the system temp dir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
