@@ -12,6 +12,9 @@ from workload import assert_same, make, params, seed_all, train_step
 import ckptd
 from ckptd.engine.config import Retention, TierConfig
 from ckptd.engine.policy import to_delete
+from ckptd.format.rank_array import rank_chunk_key
+from ckptd.format.run import Run, step_dir
+from ckptd.storage import LocalStore
 from tests.paths import shard_files
 
 
@@ -185,3 +188,33 @@ def test_public_api_exports_the_checkpointer() -> None:
     for name in ("Checkpointer", "CheckpointerConfig", "Retention", "ShardSpec", "TierConfig"):
         assert name in ckptd.__all__
         assert getattr(ckptd, name) is getattr(ckptd.engine, name)
+
+
+def test_a_damaged_rank_state_row_falls_back_to_the_older_checkpoint(tmp_path: Path) -> None:
+    """Each rank's own state (its RNG) is part of its checkpoint: when the newest one's row fails
+    its checksum, restore takes the older checkpoint, RNG included, and says why."""
+    state = make()
+    seed_all(1)
+    rng_at: dict[int, torch.Tensor] = {}
+    with ckptd.Checkpointer(str(tmp_path / "run"), state=state, every=1, keep_last=5) as ck:
+        at: dict[int, dict[str, torch.Tensor]] = {}
+        for step in range(3):
+            train_step(state)
+            rng_at[step + 1] = torch.get_rng_state()
+            ck.step(step + 1)
+            ck.wait()
+            at[step + 1] = params(state)
+    manifest = Run(LocalStore(tmp_path / "run")).manifest(3)
+    assert manifest.rank_state == "array"
+    row = tmp_path / "run" / step_dir(3) / rank_chunk_key(manifest.attempt, 0)
+    raw = bytearray(row.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    row.write_bytes(bytes(raw))
+    seed_all(7)
+    fresh = make(seed=3)
+    with ckptd.Checkpointer(str(tmp_path / "run"), state=fresh, every=1, keep_last=5) as ck:
+        assert ck.restore() == 2
+        assert any("step 3" in p for p in ck.restore_problems), ck.restore_problems
+        assert torch.equal(torch.get_rng_state(), rng_at[2])
+    assert_same(params(fresh), at[2])
+    assert fresh["data"]["position"] == 2 * 16

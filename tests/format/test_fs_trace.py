@@ -22,7 +22,7 @@ def _parse(tmp_path: Path, log: str) -> tuple[list[tuple[str, str]], FsModel]:
     return [(op.kind, op.path) for op in ops], model
 
 
-def test_a_close_logged_after_its_number_was_reused_for_the_same_file_keeps_the_new_fd(tmp_path: Path) -> None:
+def test_a_close_logged_after_its_fd_was_reused_for_the_same_file_keeps_the_new_fd(tmp_path: Path) -> None:
     # A writer closes a.bin while the sync thread, handed the path, already opened it again as 3.
     log = """\
 101 openat(AT_FDCWD, "ROOT/a.bin", O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0644) = 3<ROOT/a.bin>

@@ -269,13 +269,15 @@ class RestorePath:
             if not store.run.is_committed(step):
                 return False
             manifest = store.load(step, local.view, {**local.specs(), **self.save.specs})
+            # The rank's own row (its RNG) belongs to the checkpoint: a damaged one makes this copy
+            # unusable like a damaged shard, and the caller moves on to another copy or step.
+            same_world = manifest.world_size == self.coordinator.world_size
+            mine = store.rank_state(manifest, self.rank) if same_world else None
             local.write_back()
         except (CheckpointError, OSError) as e:
             self.problems.append(f"{store.name} step {step}: {e}")
             log.warning("checkpoint step %d in %s cannot be restored: %s", step, store.name, e)
             return False
-        same_world = manifest.world_size == self.coordinator.world_size
-        mine = store.rank_state(manifest, self.rank) if same_world else None
         if isinstance(mine, dict) and "rng" in mine:
             rng.restore(mine["rng"])
         return True
