@@ -119,7 +119,7 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
     first = 2
     variant = ab_variant(args)
     phases = ("base", "ckptd", "base", "dcp", "base") + (("ckptd_b", "base") if variant else ())
-    default_threads = [tier.config for tier in ckpt.stores]
+    default_configs = [tier.config for tier in ckpt.stores]
     for round_ in range(args.rounds):
         timed: list[float] = []
         # The A/B variant runs in the sixth loop in even rounds and in the second in odd ones: a
@@ -129,12 +129,12 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
         for phase in phases:
             wait0 = ckpt.stager.hook_wait_s
             if phase in ("ckptd", "ckptd_b") and (phase == "ckptd_b") != swap:  # the --ab variant
-                for tier, cfg in zip(ckpt.stores, default_threads, strict=True):
+                for tier, cfg in zip(ckpt.stores, default_configs, strict=True):
                     tier.config = dataclasses.replace(cfg, **variant)
             if phase == "ckptd_b":
                 timed.append(loop(model, opt, first, n, every, lambda s: ckpt.step(s)))
                 ckpt.wait()
-                for tier, cfg in zip(ckpt.stores, default_threads, strict=True):
+                for tier, cfg in zip(ckpt.stores, default_configs, strict=True):
                     tier.config = cfg
                 first += n
                 continue
@@ -151,7 +151,7 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
                 (ckpt.wait if phase == "ckptd" else finish_dcp)()
                 rec[f"tail_wait_{phase}_s"].append(time.perf_counter() - t0)
             if phase == "ckptd":
-                for tier, cfg in zip(ckpt.stores, default_threads, strict=True):
+                for tier, cfg in zip(ckpt.stores, default_configs, strict=True):
                     tier.config = cfg
         before, with_c, middle, with_d, after = timed[:5]
         added_c = (with_c - (before + middle) / 2) / saves
@@ -180,7 +180,7 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
 
 
 def ab_variant(args: argparse.Namespace) -> dict[str, int]:
-    """The tier settings of the A/B variant: ``--ab threads=2,nice=19`` (``--ab-threads N`` is
+    """The tier settings of the A/B variant: ``--ab threads=2,chunk_bytes=4194304`` (``--ab-threads N`` is
     ``--ab threads=N``)."""
     variant = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.ab.split(",") if kv)}
     if args.ab_threads:
