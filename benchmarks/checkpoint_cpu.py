@@ -9,7 +9,9 @@ moments, fp32), one checkpoint at a time, page cache dropped before each, system
 * ``ckptd_engine_<n>``: ``Checkpointer.save(); wait()`` with ``n`` writer threads (lazy
   snapshot, background persist, durable and committed);
 * ``dcp_async``: ``dcp.async_save(...).result()`` (staging, then the background write);
-* ``ckptd_save``: the synchronous ``ckptd.save`` (no snapshot).
+* ``ckptd_save``: the synchronous ``ckptd.save`` (no snapshot);
+* ``ckptd_engine_<n>_direct`` (with ``--direct-io``): the engine with ``direct_io=True``, shard
+  files written around the page cache; its ``wall_s`` is its time until durable.
 
 ``cpu_s`` is busy time of all CPUs from /proc/stat (user, system, irq, softirq: kernel
 writeback threads included; idle and iowait excluded), so it counts what the checkpoint takes
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=11, help="Linear(2048, 2048) layers: 11 = 0.55 GB of state")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[8, 2], help="ckptd writer threads to compare")
+    ap.add_argument("--direct-io", action="store_true", help="also run the engine with direct_io=True")
     ap.add_argument("--out", default=None, help="result file (default: results/checkpoint-cpu-<time>.json)")
     args = ap.parse_args()
     import torch.distributed.checkpoint as dcp
@@ -74,17 +77,17 @@ def main() -> None:
     opt.step()  # creates the moments
     nbytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     root = Path(tempfile.mkdtemp(dir=os.environ.get("CKPTD_BENCH_DIR")))
-    def checkpointer(threads: int) -> ckptd.Checkpointer:
-        config = CheckpointerConfig(uri=str(root / f"engine-{threads}"), every=10**9, memory_keep=0,
-                                    handle_signals=False, threads=threads)
+    def checkpointer(threads: int, direct_io: bool = False) -> ckptd.Checkpointer:
+        config = CheckpointerConfig(uri=str(root / f"engine-{threads}-{direct_io}"), every=10**9,
+                                    memory_keep=0, handle_signals=False, threads=threads, direct_io=direct_io)
         state = {"train": ckptd.TrainState(model, opt)}
         return ckptd.Checkpointer(state=state, optimizers=[opt], config=config)
 
-    engines = {n: checkpointer(n) for n in args.threads}
+    engines = {(n, d): checkpointer(n, d) for n in args.threads for d in {False, args.direct_io}}
 
-    def engine(n: int, i: int) -> None:
-        engines[n].save(10 + i)
-        engines[n].wait()
+    def engine(n: int, direct_io: bool, i: int) -> None:
+        engines[n, direct_io].save(10 + i)
+        engines[n, direct_io].wait()
 
     def dcp_async(i: int) -> None:
         sd_model, sd_optim = get_state_dict(model, opt)
@@ -95,7 +98,8 @@ def main() -> None:
         ckptd.save({"model": sd_model, "optim": sd_optim}, str(root / "save"), step=i)
 
     systems: dict[str, Callable[[int], None]] = {
-        **{f"ckptd_engine_{n}": (lambda i, n=n: engine(n, i)) for n in args.threads},
+        **{f"ckptd_engine_{n}{'_direct' if d else ''}": (lambda i, n=n, d=d: engine(n, d, i))
+           for n, d in engines},
         "dcp_async": dcp_async, "ckptd_save": ckptd_save,
     }
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in systems}

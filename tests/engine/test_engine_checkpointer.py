@@ -218,3 +218,35 @@ def test_a_damaged_rank_state_row_falls_back_to_the_older_checkpoint(tmp_path: P
         assert torch.equal(torch.get_rng_state(), rng_at[2])
     assert_same(params(fresh), at[2])
     assert fresh["data"]["position"] == 2 * 16
+
+
+
+def test_direct_io_checkpoints_restore_bit_exactly_and_stay_out_of_the_page_cache(tmp_path: Path) -> None:
+    from tests.page_cache import MEMORY_FILESYSTEMS, fs_type, resident_fraction
+
+    if fs_type(tmp_path) in MEMORY_FILESYSTEMS:
+        pytest.skip(f"{tmp_path} is on {fs_type(tmp_path)}: its pages never leave memory")
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(1024, 1024))  # 4 MiB: a shard file written directly
+    opt = torch.optim.SGD([w], lr=0.5)
+    uri = str(tmp_path / "run")
+    with ckptd.Checkpointer(uri, state={"w": w}, optimizers=[opt], every=1, memory_keep=0, direct_io=True,
+                            handle_signals=False) as ck:
+        ck.step(1)
+        at_step_1 = w.detach().clone()
+        w.sum().backward()
+        opt.step()  # modifies w while step 1 may still be copying it (the lazy guard's job)
+        ck.wait()
+    shards = shard_files(uri, 1, "w")
+    assert shards and all(p.stat().st_size >= 2**20 and resident_fraction(p) < 0.05 for p in shards)
+    assert Run(LocalStore(uri)).verify(1) == []
+
+    restored = torch.zeros(1024, 1024)
+    with ckptd.Checkpointer(uri, state={"w": restored}, memory_keep=0, handle_signals=False) as ck:
+        assert ck.restore() == 1
+    assert torch.equal(restored, at_step_1) and not torch.equal(restored, w.detach())
+
+
+def test_direct_io_is_for_local_tiers_only() -> None:
+    with pytest.raises(ckptd.ConfigError, match="direct_io applies to local tiers only"):
+        TierConfig.durable("s3://bucket/run", direct_io=True)

@@ -91,7 +91,7 @@ _KEYWORD_DEFAULTS: dict[str, Any] = {
     "every": None, "every_seconds": None, "keep_last": None, "keep_every": None, "keep_best": None,
     "metric": None, "metric_mode": "min", "memory_keep": 1, "tiers": (), "codec": None,
     "host_budget_bytes": None, "catalog": None, "run_name": None, "storage_options": None, "lazy": True,
-    "handle_signals": True, "exit_on_preempt": True, "agree_every": 1,
+    "handle_signals": True, "exit_on_preempt": True, "agree_every": 1, "direct_io": False,
 }
 """``Checkpointer`` keywords that map to ``CheckpointerConfig`` fields, with their defaults."""
 
@@ -127,13 +127,15 @@ class Checkpointer:
         config: CheckpointerConfig | None = None,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         agree_every: int = 1,
+        direct_io: bool = False,
     ) -> None:
         self.config = _config_from(uri, config, {
             "every": every, "every_seconds": every_seconds, "keep_last": keep_last, "keep_every": keep_every,
             "keep_best": keep_best, "metric": metric, "metric_mode": metric_mode, "memory_keep": memory_keep,
             "tiers": tiers, "codec": codec, "host_budget_bytes": host_budget_bytes, "catalog": catalog,
             "run_name": run_name, "storage_options": storage_options, "lazy": lazy,
-            "handle_signals": handle_signals, "exit_on_preempt": exit_on_preempt, "agree_every": agree_every})
+            "handle_signals": handle_signals, "exit_on_preempt": exit_on_preempt, "agree_every": agree_every,
+            "direct_io": direct_io})
         self.state = state
         self.coordinator = coordinator or self._default_coordinator(self.config.commit_timeout_s)
         self.rank = self.coordinator.rank

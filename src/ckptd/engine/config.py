@@ -82,6 +82,10 @@ class TierConfig:
     threads: int = 8
     """Encode/write threads of this tier's writer (compression and file I/O release the GIL)."""
     storage_options: dict[str, Any] | None = None
+    direct_io: bool = False
+    """``local`` tiers: write shard files with ``O_DIRECT``, around the page cache. A checkpoint
+    then takes less CPU from a training loop that fills every core, and takes longer to become
+    durable (see docs/configuration.md)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("memory", "local", "remote"):
@@ -98,6 +102,9 @@ class TierConfig:
         _positive("every_seconds", self.every_seconds)
         _positive("chunk_bytes", self.chunk_bytes)
         _positive("threads", self.threads)
+        if self.direct_io and self.kind != "local":
+            raise ConfigError(f"direct_io applies to local tiers only, not to a {self.kind} tier "
+                              f"({self.uri})")
 
     @property
     def name(self) -> str:
@@ -208,6 +215,9 @@ class CheckpointerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     threads: int = 8
     storage_options: dict[str, Any] | None = None
+    direct_io: bool = False
+    """The primary tier writes shard files with ``O_DIRECT`` (a local ``uri`` only; see
+    ``TierConfig.direct_io``)."""
     host_budget_bytes: int | None = None
     """Upper bound of the (pinned) host pool; None: as many snapshot slots as the tiers need."""
     lazy: bool = True
@@ -261,7 +271,8 @@ class CheckpointerConfig:
         tiers = list(self.tiers)
         primary = TierConfig.durable(self.uri, every=self.every, every_seconds=self.every_seconds,
                                      retention=self.retention, codec=codec, chunk_bytes=self.chunk_bytes,
-                                     threads=self.threads, storage_options=self.storage_options)
+                                     threads=self.threads, storage_options=self.storage_options,
+                                     direct_io=self.direct_io)
         if all(t.name != primary.name for t in tiers):
             tiers.append(primary)
         if self.memory_keep and all(t.kind != "memory" for t in tiers):

@@ -36,7 +36,7 @@ from ckptd.format.run import Run, step_dir
 from ckptd.format.tree import flatten as flatten_tree
 from ckptd.format.tree import restore as restore_tree
 from ckptd.format.writer import CheckpointWriter, WriterReport
-from ckptd.storage import open_store
+from ckptd.storage import LocalStore, open_store
 
 ENGINE_KEY = "ckptd.engine"
 """Manifest metadata written by the engine (format v1 also kept the per-rank RNG states there)."""
@@ -115,7 +115,7 @@ class StoreTier:
         self.config = config
         self.name = config.name
         self.coordinator = coordinator
-        self.run = Run(open_store(config.uri, config.storage_options))
+        self.run = Run(open_store(config.uri, config.storage_options, direct_io=config.direct_io))
         self.on_commit = on_commit
         self.on_pending = on_pending
         self.on_failed = on_failed
@@ -170,8 +170,11 @@ class StoreTier:
 
     def _write(self, snap: Snapshot, attempt: str, rank: int, world: int) -> WriterReport:
         cfg = self.config
-        writer = CheckpointWriter(self.run.attempt_store(snap.step, attempt), rank=rank, codec=cfg.codec,
-                                  chunk_bytes=cfg.chunk_bytes, threads=cfg.threads)
+        store = self.run.attempt_store(snap.step, attempt)
+        if isinstance(store, LocalStore):
+            store.direct_io = cfg.direct_io  # like threads, a setting of each save
+        writer = CheckpointWriter(store, rank=rank, codec=cfg.codec, chunk_bytes=cfg.chunk_bytes,
+                                  threads=cfg.threads)
         for path in snap.paths:
             spec = snap.specs.get(path)
             tensor = snap.host[path]

@@ -8,6 +8,7 @@ the only way a POSIX filesystem publishes a file all at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ckptd.format.errors import CheckpointExistsError, StorageError
 from ckptd.format.store import Buffer
+from ckptd.storage.direct import open_direct, write_direct
 from ckptd.storage.errors import map_exceptions
 from ckptd.storage.writeback import BackgroundSync, is_within, start_writeback
 
@@ -32,9 +34,12 @@ _FLUSH_THREADS = 16
 
 
 class LocalStore:
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, direct_io: bool = False) -> None:
         self.root = Path(root).absolute()
         self.fsync = fsync
+        self.direct_io = direct_io
+        """Write files of at least ``WRITEBACK_BYTES`` around the page cache (``direct.py``); a
+        setting of each save: child stores take it when they are made."""
         self._new_dirs: set[Path] = set()
         self._unsynced: list[Path] = []
         self._lock = threading.Lock()
@@ -64,7 +69,7 @@ class LocalStore:
             p = p.parent
 
     def child(self, prefix: str) -> LocalStore:
-        c = LocalStore(self._path(prefix), fsync=self.fsync)
+        c = LocalStore(self._path(prefix), fsync=self.fsync, direct_io=self.direct_io)
         c._new_dirs, c._unsynced, c._lock = self._new_dirs, self._unsynced, self._lock  # shared bookkeeping
         c._syncing = self._syncing
         return c
@@ -95,6 +100,10 @@ class LocalStore:
         path = self._path(key)
         with self._mapped("writing", key):
             self._makedirs(path.parent)
+            if self.direct_io and sum(len(b) for b in data) >= WRITEBACK_BYTES:
+                written = self._write_direct(path, data)
+                if written is not None:
+                    return written
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 total = _writev_all(fd, data)
@@ -106,6 +115,23 @@ class LocalStore:
                         self._unsynced.append(path)
             finally:
                 os.close(fd)
+        return total
+
+    def _write_direct(self, path: Path, data: Sequence[Buffer]) -> int | None:
+        """None: the filesystem refused ``O_DIRECT`` (or its alignment); write it buffered."""
+        fd = open_direct(path)
+        if fd is None:
+            return None
+        try:
+            total = write_direct(fd, data)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None  # the buffered write truncates what went out
+            raise
+        finally:
+            os.close(fd)
+        if self.fsync:
+            self._syncing.soon(path)  # no dirty data left, but the size and the extents
         return total
 
     def open_write(self, key: str) -> _LocalStream:
