@@ -84,10 +84,11 @@ def loop(model: nn.Module, opt: torch.optim.Optimizer, first: int, steps: int, e
 
 
 def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, ckpt: ckptd.Checkpointer,
-           root: Path, results: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+           root: Path, results: list[dict[str, Any]]) -> tuple[list[float], list[float], list[float]]:
     """Rounds of (baseline, ckptd, baseline, DCP) loops: each loop with checkpoints is compared
     with the baselines on either side of it, so that the machine's drift cancels within a round.
-    Returns the added time per checkpoint of each round, for ckptd and for DCP."""
+    Returns the added time per checkpoint of each round, for ckptd, for DCP and for the ``--ab``
+    variant (empty without one)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -176,7 +177,7 @@ def rounds(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimize
     blocked_dcp = sum(held_dcp) / (saves * args.rounds)
     emit({"what": "blocked", "ckptd_per_checkpoint_s": blocked_ckptd, "ckptd_hook_wait_s": hook_wait,
           "dcp_async_per_checkpoint_s": blocked_dcp, "ratio": blocked_ckptd / blocked_dcp}, results)
-    return rec["added_ckptd_s"], rec["added_dcp_s"]
+    return rec["added_ckptd_s"], rec["added_dcp_s"], rec.get("added_ckptd_b_s", [])
 
 
 def ab_variant(args: argparse.Namespace) -> dict[str, int]:
@@ -189,28 +190,37 @@ def ab_variant(args: argparse.Namespace) -> dict[str, int]:
 
 
 def durable(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, ckpt: ckptd.Checkpointer,
-            root: Path) -> tuple[list[float], list[float]]:
-    """Time until durable of one checkpoint, ckptd and ``dcp.save`` alternating (the machine's
-    load drifts evenly on both)."""
+            root: Path) -> tuple[list[float], list[float], list[float]]:
+    """Time until durable of one checkpoint, ckptd, the ``--ab`` variant (if any) and ``dcp.save``
+    alternating (the machine's load drifts evenly on all)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     durable_ckptd: list[float] = []
+    durable_b: list[float] = []
     durable_dcp: list[float] = []
+    variant = ab_variant(args)
+    default_configs = [tier.config for tier in ckpt.stores]
     for i in range(args.repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        ckpt.save(100000 + i)
-        ckpt.wait()
-        dist.barrier()
-        durable_ckptd.append(time.perf_counter() - t0)
+        for settings, samples in ((None, durable_ckptd), (variant, durable_b)):
+            if settings is None or settings:
+                for tier, cfg in zip(ckpt.stores, default_configs, strict=True):
+                    tier.config = dataclasses.replace(cfg, **settings) if settings else cfg
+                dist.barrier()
+                t0 = time.perf_counter()
+                ckpt.save(100000 + 2 * i + (settings is not None))
+                ckpt.wait()
+                dist.barrier()
+                samples.append(time.perf_counter() - t0)
+        for tier, cfg in zip(ckpt.stores, default_configs, strict=True):
+            tier.config = cfg
         sd_model, sd_optim = get_state_dict(model, opt)
         dist.barrier()
         t0 = time.perf_counter()
         dcp.save({"model": sd_model, "optim": sd_optim}, checkpoint_id=str(root / "dcp" / f"step-{i}"))
         dist.barrier()
         durable_dcp.append(time.perf_counter() - t0)
-    return durable_ckptd, durable_dcp
+    return durable_ckptd, durable_b, durable_dcp
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -228,11 +238,18 @@ def worker(args: argparse.Namespace) -> None:
     config = CheckpointerConfig(uri=str(root / "ckptd"), every=args.every, memory_keep=0,
                                 handle_signals=False, **threads)
     ckpt = ckptd.Checkpointer(state={"train": ckptd.TrainState(model, opt)}, optimizers=[opt], config=config)
-    added_ckptd, added_dcp = rounds(args, model, opt, ckpt, root, results)
-    durable_ckptd, durable_dcp = durable(args, model, opt, ckpt, root)
+    added_ckptd, added_dcp, added_b = rounds(args, model, opt, ckpt, root, results)
+    durable_ckptd, durable_b, durable_dcp = durable(args, model, opt, ckpt, root)
     ckpt.close()
-    emit({"what": "durable", "ckptd_s": durable_ckptd, "dcp_save_s": durable_dcp}, results)
+    emit({"what": "durable", "ckptd_s": durable_ckptd, "dcp_save_s": durable_dcp,
+          **({"ckptd_b_s": durable_b} if durable_b else {})}, results)
     med_ckptd, med_dcp = statistics.median(added_ckptd), statistics.median(added_dcp)
+    variant_summary = {
+        "added_per_checkpoint_ckptd_b_s": statistics.median(added_b),
+        "added_ratio_b": statistics.median(added_b) / med_dcp if med_dcp > 0 else None,
+        "durable_median_ckptd_b_s": statistics.median(durable_b),
+        "durable_ratio_b": statistics.median(durable_b) / statistics.median(durable_dcp),
+    } if added_b and durable_b else {}
     emit({
         "what": "summary",
         "added_per_checkpoint_ckptd_s": med_ckptd,
@@ -243,6 +260,7 @@ def worker(args: argparse.Namespace) -> None:
         "durable_median_dcp_s": statistics.median(durable_dcp),
         "durable_ratio": statistics.median(durable_ckptd) / statistics.median(durable_dcp),
         "durable_target": 1.1,
+        **variant_summary,
     }, results)
     if dist.get_rank() == 0:
         sys.path.insert(0, str(Path(__file__).parent))
