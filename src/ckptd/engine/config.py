@@ -84,8 +84,9 @@ class TierConfig:
     storage_options: dict[str, Any] | None = None
     direct_io: bool = False
     """``local`` tiers: write shard files with ``O_DIRECT``, around the page cache. A checkpoint
-    then takes less CPU from a training loop that fills every core, and takes longer to become
-    durable (see docs/configuration.md)."""
+    then leaves the page cache (the training data's included) alone and, in our A/Bs, costs a
+    training loop that fills every core less time; it takes longer to become durable (README,
+    "FSDP2, tensor parallelism and DTensor states")."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("memory", "local", "remote"):

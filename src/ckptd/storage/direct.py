@@ -4,11 +4,12 @@ Why: a buffered write copies the checkpoint into the page cache in the kernel, a
 kernel then allocates, tracks, writes back and later reclaims those pages. On a machine whose
 cores the training already fills, that kernel work is taken from the training loop. With
 ``O_DIRECT`` the device reads straight from one small, aligned staging buffer per writer
-thread: the only CPU left is one ``memcpy`` into it. Same run on our 2-core box
-(benchmarks/results/fsdp2-overhead-ab-direct-io-*.json): the loop time a checkpoint added fell
-in each of 4 rounds, median 1.22 s against 2.16 s buffered. The price is time until durable:
-each write waits for the device, and this virtual disk took longer for the same bytes (1.59 s
-against 1.14 s for 0.55 GB). So it is a tier setting (``direct_io``), off by default.
+thread: the only CPU left is one ``memcpy`` into it. In three same-run A/Bs on our 2-core box
+(benchmarks/results/fsdp2-overhead-ab-direct-io-*.json) the loop time a checkpoint added was
+lower than buffered in 10 of 12 rounds (medians 1.22 s against 2.16 s, 1.13 against 1.62, 1.02
+against 1.05). The price is time until durable: each write waits for the device, and this
+virtual disk took longer for the same bytes (1.06x ``dcp.save`` against 0.94x buffered; 1.7x
+buffered in checkpoint_cpu.py). So it is a tier setting (``direct_io``), off by default.
 
 ``O_DIRECT`` needs the buffer, the file offset and the length aligned to the device's logical
 block; ``ALIGN`` (4096) covers every common one. The last piece is padded with zeros and the
