@@ -115,7 +115,7 @@ class StoreTier:
         self.config = config
         self.name = config.name
         self.coordinator = coordinator
-        self.run = Run(open_store(config.uri, config.storage_options, direct_io=config.direct_io))
+        self.run = Run(open_store(config.uri, config.storage_options))
         self.on_commit = on_commit
         self.on_pending = on_pending
         self.on_failed = on_failed

@@ -27,15 +27,12 @@ def register_scheme(scheme: str, opener: Opener) -> None:
     _SCHEMES[scheme] = opener
 
 
-def open_store(uri: str, storage_options: dict[str, Any] | None = None, *, fsync: bool = True,
-               direct_io: bool = False) -> Store:
-    """``direct_io``: a local store writes large files around the page cache (``direct.py``);
-    other stores ignore it (their bytes go through a network client, not the page cache)."""
+def open_store(uri: str, storage_options: dict[str, Any] | None = None, *, fsync: bool = True) -> Store:
     opener = _SCHEMES.get(uri.partition("://")[0]) if "://" in uri else None
     if opener is not None:
         return opener(uri, storage_options)
     if "://" not in uri:
-        return LocalStore(uri, fsync=fsync, direct_io=direct_io)
+        return LocalStore(uri, fsync=fsync)
     if uri.startswith("file://"):
-        return LocalStore(uri.removeprefix("file://"), fsync=fsync, direct_io=direct_io)
+        return LocalStore(uri.removeprefix("file://"), fsync=fsync)
     return FsspecStore.from_url(uri, storage_options)

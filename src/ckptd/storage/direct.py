@@ -38,8 +38,12 @@ _staging = threading.local()
 
 
 def open_direct(path: str | os.PathLike[str]) -> int | None:
-    """A new, truncated file opened for direct writes; None where the filesystem refuses them."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
+    """A new, truncated file opened for direct writes; None where the filesystem (or the
+    platform: macOS has no ``O_DIRECT``) refuses them."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct | getattr(os, "O_CLOEXEC", 0)
     try:
         return os.open(path, flags, 0o644)
     except OSError as e:

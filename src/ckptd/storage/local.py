@@ -100,7 +100,7 @@ class LocalStore:
         path = self._path(key)
         with self._mapped("writing", key):
             self._makedirs(path.parent)
-            if self.direct_io and sum(len(b) for b in data) >= WRITEBACK_BYTES:
+            if self.direct_io and sum(memoryview(b).nbytes for b in data) >= WRITEBACK_BYTES:
                 written = self._write_direct(path, data)
                 if written is not None:
                     return written
